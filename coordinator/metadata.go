@@ -30,11 +30,13 @@ type Checkpoint struct {
 	// those of earlier checkpoints that failed or whose commit has not been
 	// confirmed. Whoever finds this checkpoint complete commits them.
 	Pending []PendingTxn `json:"pending,omitempty"`
-	// OutputFrontier, when set, is the offset per input topic below which the
-	// output of every input record is already committed: after a lost
-	// transaction the task replays from an older state and suppresses output
-	// below the frontier, so nothing is emitted twice.
-	OutputFrontier map[string]int64 `json:"output_frontier,omitempty"`
+	// CommittedOffsets is the input position (next offset per input topic)
+	// below which the output of every record is known to be committed. It
+	// equals Offsets once this checkpoint's transactions are committed. It is
+	// ahead of Offsets only after a lost transaction made the task restore an
+	// older state: the task then replays and suppresses the output of records
+	// below it, so nothing is emitted twice.
+	CommittedOffsets map[string]int64 `json:"committed_offsets"`
 }
 
 // Kind says how a checkpoint came to be.

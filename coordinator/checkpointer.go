@@ -1,0 +1,300 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/sluice-stream/sluice/sink"
+	"github.com/sluice-stream/sluice/state"
+)
+
+// checkpointJob is a checkpoint whose synchronous part (the barrier) is done.
+type checkpointJob struct {
+	id        int64
+	offsets   map[string]int64
+	sealed    *state.Sealed
+	pre       sink.PreCommitted
+	barrier   time.Time
+	txnOpened time.Time
+}
+
+// checkpointer runs the asynchronous part of a task's checkpoints, one at a
+// time in barrier order: persist state, flush the sink, upload, create the
+// metadata (completion), commit, report offsets, apply retention.
+type checkpointer struct {
+	t    *Task
+	jobs chan *checkpointJob
+	// fatal carries the error that must stop the task (at most one).
+	fatal chan error
+	// outstanding counts submitted jobs not yet finished; idle is signalled
+	// after each.
+	outstanding atomic.Int32
+	idle        chan struct{}
+	done        chan struct{}
+	cancel      context.CancelFunc
+
+	// Owned by the checkpointer goroutine.
+	pending   []PendingTxn // pre-committed, not known committed, barrier order
+	opened    []time.Time  // when each pending transaction began
+	committed map[string]int64
+	uploaded  map[string]FileRef // shareable local files already in storage
+	retained  []*Checkpoint      // newest first
+	prefix    string             // names this incarnation's shared files
+	failures  int
+}
+
+// newCheckpointer starts from the checkpoints the takeover left: the one the
+// task runs from, then the older retained ones, newest first.
+func newCheckpointer(t *Task, retained []*Checkpoint, cancel context.CancelFunc) *checkpointer {
+	from := retained[0]
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	cp := &checkpointer{
+		t:         t,
+		jobs:      make(chan *checkpointJob, t.cfg.Settings.MaxPending+1),
+		fatal:     make(chan error, 1),
+		idle:      make(chan struct{}, 1),
+		done:      make(chan struct{}),
+		cancel:    cancel,
+		committed: maps.Clone(from.CommittedOffsets),
+		uploaded:  map[string]FileRef{},
+		retained:  retained[:min(len(retained), t.cfg.Settings.Retained)],
+		prefix:    hex.EncodeToString(b[:]),
+	}
+	for _, f := range from.Files {
+		if t.cfg.State.Shareable(f.Name) {
+			cp.uploaded[f.Name] = f
+		}
+	}
+	return cp
+}
+
+func (cp *checkpointer) run(ctx context.Context) {
+	defer close(cp.done)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case job := <-cp.jobs:
+			err := cp.complete(ctx, job)
+			cp.outstanding.Add(-1)
+			select {
+			case cp.idle <- struct{}{}:
+			default:
+			}
+			if err != nil {
+				cp.fatal <- err
+				return
+			}
+		}
+	}
+}
+
+// stop ends the goroutine and waits for it.
+func (cp *checkpointer) stop() {
+	cp.cancel()
+	<-cp.done
+}
+
+func (cp *checkpointer) submit(ctx context.Context, job *checkpointJob) error {
+	cp.outstanding.Add(1)
+	select {
+	case cp.jobs <- job:
+		return nil
+	case err := <-cp.fatal:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// waitIdle waits until every submitted checkpoint is finished.
+func (cp *checkpointer) waitIdle(ctx context.Context) error {
+	for cp.outstanding.Load() > 0 {
+		select {
+		case <-cp.idle:
+		case err := <-cp.fatal:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// complete runs the asynchronous part of one checkpoint. A returned error is
+// fatal for the task; a checkpoint that merely fails is counted and dropped,
+// its transaction stays pending for the next one.
+func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error {
+	t := cp.t
+	task := t.cfg.Task
+	ctx, cancel := context.WithTimeout(ctx, t.cfg.Settings.Timeout)
+	defer cancel()
+
+	// The sealed buffer must reach the backend whatever happens next: later
+	// checkpoints build on it.
+	dir := t.localCheckpointDir(job.id)
+	files, err := t.store.Persist(job.sealed, dir)
+	if err != nil {
+		return fmt.Errorf("snapshot state of checkpoint %d of task %d: %w", job.id, task, err)
+	}
+	defer os.RemoveAll(dir)
+
+	c, err := job.pre.Wait(ctx)
+	if err != nil {
+		// A transaction with a failed write can never be committed.
+		return fmt.Errorf("flush sink of checkpoint %d of task %d: %w", job.id, task, err)
+	}
+	if c == nil {
+		defer t.pendingCount.Add(-1) // nothing to commit later
+	} else {
+		cp.pending = append(cp.pending, PendingTxn{CheckpointID: job.id, Offsets: job.offsets, Committable: *c})
+		cp.opened = append(cp.opened, job.txnOpened)
+	}
+	if err := t.step(StepPreCommitted, job.id); err != nil {
+		return err
+	}
+
+	refs, uploadedBytes, err := cp.upload(ctx, job.id, dir, files)
+	if err != nil {
+		return cp.failed(job.id, err)
+	}
+	if err := t.step(StepUploaded, job.id); err != nil {
+		return err
+	}
+
+	if tt := t.cfg.Settings.TransactionTimeout; tt > 0 && len(cp.opened) > 0 {
+		if age := time.Since(cp.opened[0]); age > tt-t.cfg.Settings.guardMargin() {
+			t.st.CheckpointsFailed.Add(1)
+			t.log.Error("CHECKPOINT FAILED by the transaction-timeout guard: its oldest pending transaction could be aborted by the broker before the commit; restarting the task from its newest complete checkpoint",
+				"checkpoint", job.id, "oldest_pending", cp.pending[0].CheckpointID, "age", age.Round(time.Millisecond), "transaction_timeout", tt)
+			return fmt.Errorf("checkpoint %d of task %d: pending transaction of checkpoint %d is %s old, too close to the transaction timeout %s",
+				job.id, task, cp.pending[0].CheckpointID, age.Round(time.Millisecond), tt)
+		}
+	}
+
+	meta := &Checkpoint{
+		Job: t.job, Task: task, ID: job.id, Kind: KindCheckpoint, Owner: t.cfg.Owner,
+		CreatedAt: time.Now().UTC(), Offsets: job.offsets, Files: refs,
+		Pending: append([]PendingTxn(nil), cp.pending...), CommittedOffsets: cp.committed,
+	}
+	if err := t.createMetadata(ctx, meta); err != nil {
+		if errors.Is(err, ErrTakenOver) {
+			return err
+		}
+		return cp.failed(job.id, err)
+	}
+	if err := t.step(StepMetadataCreated, job.id); err != nil {
+		return err
+	}
+
+	// Commit in checkpoint order, so the committed transactions of a task
+	// are always a prefix.
+	for len(cp.pending) > 0 {
+		p := cp.pending[0]
+		if err := t.writer.Commit(ctx, []sink.Committable{p.Committable}); err != nil {
+			return fmt.Errorf("commit transaction of checkpoint %d of task %d: %w", p.CheckpointID, task, err)
+		}
+		cp.pending, cp.opened = cp.pending[1:], cp.opened[1:]
+		cp.committed = maxOffsets(cp.committed, p.Offsets)
+		t.pendingCount.Add(-1)
+		if err := t.step(StepTxnCommitted, p.CheckpointID); err != nil {
+			return err
+		}
+	}
+	if err := t.step(StepCommitted, job.id); err != nil {
+		return err
+	}
+	cp.failures = 0
+	elapsed := time.Since(job.barrier)
+	t.st.CheckpointsCompleted.Add(1)
+	t.st.LastCheckpointID.Store(job.id)
+	t.st.LastCheckpointNanos.Store(int64(elapsed))
+	t.lastDone.Store(time.Now().UnixNano())
+	var size int64
+	for _, r := range refs {
+		size += r.Size
+	}
+	t.log.Info("checkpoint completed", "checkpoint", job.id, "duration", elapsed.Round(time.Microsecond),
+		"full_bytes", size, "uploaded_bytes", uploadedBytes, "offsets", job.offsets)
+
+	if t.cfg.Settings.CommitOffsets {
+		if err := t.cfg.Input.CommitOffsets(ctx, task, job.offsets); err != nil {
+			t.log.Warn("offsets not committed to the consumer group (monitoring only)", "checkpoint", job.id, "err", err)
+		}
+	}
+	cp.retain(ctx, meta)
+	return nil
+}
+
+// failed counts a failed checkpoint; past the tolerable number of
+// consecutive failures the task restarts from its newest complete checkpoint.
+func (cp *checkpointer) failed(id int64, err error) error {
+	t := cp.t
+	cp.failures++
+	t.st.CheckpointsFailed.Add(1)
+	t.log.Warn("checkpoint failed; its transaction stays pending for the next one", "checkpoint", id, "consecutive_failures", cp.failures, "err", err)
+	if cp.failures > t.cfg.Settings.TolerableFailures {
+		return fmt.Errorf("checkpoint %d of task %d: %d consecutive checkpoints failed: %w", id, t.cfg.Task, cp.failures, err)
+	}
+	return nil
+}
+
+// upload stores the snapshot files: shareable files only once (incremental),
+// the rest in the checkpoint's own folder.
+func (cp *checkpointer) upload(ctx context.Context, id int64, dir string, files []string) ([]FileRef, int64, error) {
+	t := cp.t
+	refs := make([]FileRef, 0, len(files))
+	seen := make(map[string]FileRef, len(files))
+	var uploadedBytes int64
+	for _, name := range files {
+		path := filepath.Join(dir, name)
+		fi, err := os.Stat(path)
+		if err != nil {
+			return nil, 0, fmt.Errorf("checkpoint %d of task %d: %w", id, t.cfg.Task, err)
+		}
+		shareable := t.cfg.State.Shareable(name)
+		if ref, ok := cp.uploaded[name]; ok && shareable && ref.Size == fi.Size() {
+			refs = append(refs, ref)
+			seen[name] = ref
+			continue
+		}
+		ref := FileRef{Name: name, Size: fi.Size(), Object: fmt.Sprintf("chk-%d/%s", id, name)}
+		if shareable {
+			ref.Object = sharedDir + cp.prefix + "-" + name
+		}
+		if err := UploadFile(ctx, t.cfg.Storage, FileObjectName(t.job, t.cfg.Task, ref), path); err != nil {
+			return nil, 0, fmt.Errorf("upload checkpoint %d of task %d: %w", id, t.cfg.Task, err)
+		}
+		uploadedBytes += ref.Size
+		refs = append(refs, ref)
+		if shareable {
+			seen[name] = ref
+		}
+	}
+	cp.uploaded = seen
+	return refs, uploadedBytes, nil
+}
+
+// retain keeps the newest Retained checkpoints and deletes the rest with the
+// files no kept checkpoint references. The newest checkpoint is fully
+// committed here, so it is also the one a lost transaction would roll back
+// to: retention never deletes it.
+func (cp *checkpointer) retain(ctx context.Context, newest *Checkpoint) {
+	t := cp.t
+	cp.retained = append([]*Checkpoint{newest}, cp.retained...)
+	if n := t.cfg.Settings.Retained; len(cp.retained) > n {
+		cp.retained = cp.retained[:n]
+	}
+	if err := Retain(ctx, t.cfg.Storage, t.job, t.cfg.Task, cp.retained); err != nil {
+		t.log.Warn("retention incomplete; it is retried after the next checkpoint", "err", err)
+	}
+}

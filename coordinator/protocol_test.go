@@ -1,0 +1,297 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/sluice-stream/sluice/internal/example"
+	"github.com/sluice-stream/sluice/sink"
+	"github.com/sluice-stream/sluice/state"
+)
+
+// faultPlan decides, from a seed, where a run crashes tasks and where the
+// broker aborts every open transaction (a broker crash).
+type faultPlan struct {
+	mu      sync.Mutex
+	rng     *rand.Rand
+	crashes int // left to inject
+	aborts  int // broker aborts left to inject
+	off     bool
+	broker  *fakeBroker
+	seen    map[Step]int // crashes injected per step
+}
+
+func (p *faultPlan) hook(task int32, s Step, id int64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.off {
+		return nil
+	}
+	prob := 0.2
+	if s == StepRecord {
+		prob = 0.004
+	}
+	if p.aborts > 0 && p.rng.Float64() < prob/4 {
+		p.aborts--
+		p.broker.abortAll()
+	}
+	if p.crashes > 0 && p.rng.Float64() < prob {
+		p.crashes--
+		p.seen[s]++
+		return ErrCrash
+	}
+	return nil
+}
+
+func (p *faultPlan) stop() {
+	p.mu.Lock()
+	p.off = true
+	p.mu.Unlock()
+}
+
+// genInput makes n records per partition with keys that stay in their
+// partition, as Kafka's key partitioning would.
+func genInput(topic string, parts int32, n int) (map[int32][]*kgo.Record, map[string]int64) {
+	out := map[int32][]*kgo.Record{}
+	want := map[string]int64{}
+	for p := range parts {
+		for i := range n {
+			key := fmt.Sprintf("user-%d-%d", p, i%5)
+			out[p] = append(out[p], &kgo.Record{Topic: topic, Partition: p, Offset: int64(i), Key: []byte(key), Value: []byte(strconv.Itoa(i))})
+			want[key]++
+		}
+	}
+	return out, want
+}
+
+// checkExactlyOnce asserts that the committed output holds, per key, the
+// counts 1..n in order: every input's output exactly once.
+func checkExactlyOnce(t *testing.T, out []*kgo.Record, want map[string]int64) {
+	t.Helper()
+	next := map[string]int64{}
+	for _, r := range out {
+		n, err := strconv.ParseInt(string(r.Value), 10, 64)
+		if err != nil {
+			t.Fatalf("output %q=%q is not a count", r.Key, r.Value)
+		}
+		k := string(r.Key)
+		if n != next[k]+1 {
+			t.Fatalf("key %s: output count %d follows %d (duplicate or gap)", k, n, next[k])
+		}
+		next[k] = n
+	}
+	for k, n := range want {
+		if next[k] != n {
+			t.Fatalf("key %s: last committed count %d, want %d", k, next[k], n)
+		}
+	}
+	if len(next) != len(want) {
+		t.Fatalf("output has %d keys, want %d", len(next), len(want))
+	}
+}
+
+// checkFinalState loads every task's newest checkpoint and compares the
+// counting operator's state with the true counts.
+func checkFinalState(t *testing.T, st Storage, job string, parts int32, want map[string]int64) {
+	t.Helper()
+	ctx := context.Background()
+	for p := range parts {
+		ids, err := ListCheckpointIDs(ctx, st, job, p)
+		if err != nil || len(ids) == 0 {
+			t.Fatalf("task %d: no checkpoint (%v)", p, err)
+		}
+		c, err := LoadCheckpoint(ctx, st, job, p, ids[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := t.TempDir()
+		for _, f := range c.Files {
+			if err := DownloadFile(ctx, st, FileObjectName(job, p, f), filepath.Join(dir, f.Name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b, err := state.NewMemoryFactory().Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		store := state.NewStore(b)
+		for k, n := range want {
+			if k[len("user-")] != byte('0'+p) {
+				continue
+			}
+			sc := &state.Scope{Store: store, Operator: example.CountOperator, Key: []byte(k)}
+			got, _, err := example.CountState.Get(sc)
+			if err != nil || got != n {
+				t.Fatalf("task %d key %s: state %d (%v), want %d", p, k, got, err, n)
+			}
+		}
+		store.Close()
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestProtocolUnderFaults drives the real checkpoint and takeover protocol
+// against the fake broker and storage through many seeded fault plans:
+// crashes at every protocol step and at random records, broker aborts of
+// every open transaction (lost pre-committed transactions), storage
+// failures and lost create answers. In every run the committed output holds
+// every input's output exactly once, in order per key, and the final state
+// equals the true counts.
+func TestProtocolUnderFaults(t *testing.T) {
+	runs := 60
+	if testing.Short() {
+		runs = 15
+	}
+	total := map[Step]int{}
+	for seed := range runs {
+		seen := runProtocolScenario(t, uint64(seed))
+		for s, n := range seen {
+			total[s] += n
+		}
+	}
+	t.Logf("crashes injected per step over %d runs: %v", runs, total)
+	for _, s := range []Step{StepRecord, StepBarrier, StepPreCommitted, StepUploaded, StepMetadataCreated, StepTxnCommitted, StepCommitted, StepClaimed, StepRecoveryCommit, StepFenced} {
+		if total[s] == 0 {
+			t.Errorf("no crash was injected at step %s", s)
+		}
+	}
+}
+
+func runProtocolScenario(t *testing.T, seed uint64) map[Step]int {
+	const parts, perPart = 2, 400
+	input, want := genInput("events", parts, perPart)
+	broker := newFakeBroker()
+	plan := &faultPlan{rng: rand.New(rand.NewPCG(seed, 7)), crashes: 12, aborts: 2, broker: broker, seen: map[Step]int{}}
+	mem := NewMemStorage()
+	st := NewFaultyStorage(mem)
+	var stMu sync.Mutex
+	storageFaults := 6
+	st.SetFault(func(op Op, name string) error {
+		stMu.Lock()
+		defer stMu.Unlock()
+		plan.mu.Lock()
+		defer plan.mu.Unlock()
+		if storageFaults > 0 && !plan.off && plan.rng.Float64() < 0.02 {
+			storageFaults--
+			return fmt.Errorf("injected storage error on %s %s", op, name)
+		}
+		return nil
+	})
+	st.SetFaultAfter(func(op Op, name string) error {
+		plan.mu.Lock()
+		defer plan.mu.Unlock()
+		if op == OpCreate && !plan.off && plan.rng.Float64() < 0.05 {
+			return fmt.Errorf("injected lost answer of create %s", name)
+		}
+		return nil
+	})
+	settings := DefaultSettings()
+	settings.Interval = 2 * time.Millisecond
+	settings.Retained = 2
+	settings.TolerableFailures = 2
+	settings.StopTimeout = 10 * time.Second
+	job := example.CountJob("counts", "events", "counts")
+	in := NewInstance(InstanceConfig{
+		Job: job, Storage: st, Sink: &fakeSink{b: broker, pool: settings.MaxPending + 1},
+		State: state.NewMemoryFactory(), Input: newFakeInput("events", input),
+		Tasks: []int32{0, 1}, WorkDir: t.TempDir(), Settings: settings, ID: "i1", Hook: plan.hook,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+
+	// Committed output grows to exactly the input once the faults are over.
+	total := parts * perPart
+	waitFor(t, 60*time.Second, fmt.Sprintf("seed %d: all output committed", seed), func() bool {
+		n := len(broker.readCommitted("counts"))
+		if n > total {
+			t.Fatalf("seed %d: %d committed outputs for %d inputs", seed, n, total)
+		}
+		return n == total
+	})
+	plan.stop()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("seed %d: instance: %v", seed, err)
+	}
+	checkExactlyOnce(t, broker.readCommitted("counts"), want)
+	checkFinalState(t, mem, "counts", parts, want)
+	return plan.seen
+}
+
+// TestRetentionKeepsNoOrphans runs checkpoints with --retained 3 and checks
+// that exactly 3 complete checkpoints and only the files they reference are
+// left in storage.
+func TestRetentionKeepsNoOrphans(t *testing.T) {
+	input, _ := genInput("events", 1, 500)
+	broker := newFakeBroker()
+	mem := NewMemStorage()
+	settings := DefaultSettings()
+	settings.Interval = time.Millisecond
+	settings.Retained = 3
+	dir := t.TempDir()
+	pf := state.NewPebbleFactory(8 << 20)
+	defer pf.Close()
+	in := NewInstance(InstanceConfig{
+		Job: example.CountJob("counts", "events", "counts"), Storage: mem, Sink: &fakeSink{b: broker, pool: 3},
+		State: pf, Input: newFakeInput("events", input), Tasks: []int32{0}, WorkDir: dir, Settings: settings, ID: "i1",
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	waitFor(t, 30*time.Second, "output and 10 checkpoints", func() bool {
+		return len(broker.readCommitted("counts")) == 500 && in.Stats()[0].CheckpointsCompleted.Load() >= 10
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	ids, err := ListCheckpointIDs(context.Background(), mem, "counts", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ids) != 3 {
+		t.Fatalf("%d complete checkpoints retained (%v), want 3", len(ids), ids)
+	}
+	referenced := map[string]bool{}
+	for _, id := range ids {
+		referenced[MetadataName("counts", 0, id)] = true
+		c, err := LoadCheckpoint(context.Background(), mem, "counts", 0, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range c.Files {
+			referenced[FileObjectName("counts", 0, f)] = true
+		}
+	}
+	for _, name := range mem.Names() {
+		if !referenced[name] {
+			t.Errorf("orphan object %s", name)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "task-0", "checkpoints")); len(entries) != 0 {
+		t.Errorf("%d local checkpoint folders left behind", len(entries))
+	}
+}
+
+var _ sink.Sink = (*fakeSink)(nil)

@@ -1,0 +1,324 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/sluice-stream/sluice/operators"
+	"github.com/sluice-stream/sluice/sink"
+	"github.com/sluice-stream/sluice/state"
+)
+
+// ErrTakenOver means another owner claimed the task: this one must stop and
+// never complete a checkpoint or commit again.
+var ErrTakenOver = errors.New("task was taken over by another owner")
+
+// TaskConfig is everything one task incarnation needs.
+type TaskConfig struct {
+	Job     *operators.Job
+	Task    int32
+	Storage Storage
+	Sink    sink.Sink
+	State   state.Factory
+	Input   Input
+	// WorkDir is the task's local folder for its state; it is wiped and
+	// rebuilt from storage by the takeover.
+	WorkDir  string
+	Settings Settings
+	// Owner identifies this incarnation in metadata; unique per incarnation.
+	Owner string
+	// Trigger delivers barrier requests from the instance's coordinator.
+	Trigger <-chan struct{}
+	// Hook, when set, is called at every protocol step (tests inject crashes).
+	Hook Hook
+	Log  *slog.Logger
+	// Stats receives the task's counters; may be shared by incarnations.
+	Stats *TaskStats
+}
+
+// TaskStats are a task's counters, updated atomically.
+type TaskStats struct {
+	RecordsIn            atomic.Int64
+	RecordsOut           atomic.Int64
+	CheckpointsCompleted atomic.Int64
+	CheckpointsFailed    atomic.Int64
+	LastCheckpointID     atomic.Int64
+	LastCheckpointNanos  atomic.Int64
+	Restored             atomic.Int64 // id of the checkpoint the task restored
+}
+
+// Task is one incarnation of a task: takeover, then the record loop with
+// barriers, with checkpoints completed and committed asynchronously.
+type Task struct {
+	cfg  TaskConfig
+	job  string
+	log  *slog.Logger
+	st   *TaskStats
+	hook Hook
+
+	store  *state.Store
+	writer sink.Writer
+	out    suppressWriter
+	chain  operators.Chain
+	feed   Feed
+
+	// Owned by the task goroutine.
+	position    map[string]int64 // next offset per input topic
+	nextID      int64
+	lastBarrier time.Time
+	txnOpened   time.Time // when the current transaction began
+	// frontier is set while the task replays input whose output is already
+	// committed (after a rollback): output of records below it is dropped.
+	frontier map[string]int64
+	// stuck counts consecutive barriers skipped because failed checkpoints
+	// hold every transactional id.
+	stuck int
+
+	// Shared with the checkpointer goroutine.
+	pendingCount atomic.Int32 // pre-committed, not committed transactions
+	lastDone     atomic.Int64 // unix nanos of the last checkpoint completion
+
+	cp *checkpointer
+}
+
+// suppressWriter drops output while the task replays input whose output is
+// already committed (after a lost transaction rolled the state back).
+type suppressWriter struct {
+	sink.Writer
+	suppress bool
+	out      *atomic.Int64
+}
+
+func (w *suppressWriter) Write(r *kgo.Record) {
+	if w.suppress {
+		return
+	}
+	w.out.Add(1)
+	w.Writer.Write(r)
+}
+
+// NewTask prepares a task incarnation; Run does the work.
+func NewTask(cfg TaskConfig) *Task {
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	st := cfg.Stats
+	if st == nil {
+		st = &TaskStats{}
+	}
+	hook := cfg.Hook
+	if hook == nil {
+		hook = func(int32, Step, int64) error { return nil }
+	}
+	return &Task{cfg: cfg, job: cfg.Job.Name(), log: log.With("task", cfg.Task), st: st, hook: hook}
+}
+
+func (t *Task) step(s Step, id int64) error {
+	if err := t.hook(t.cfg.Task, s, id); err != nil {
+		return fmt.Errorf("task %d at step %s of checkpoint %d: %w", t.cfg.Task, s, id, err)
+	}
+	return nil
+}
+
+// Run takes the task over, then processes records until ctx is done (then it
+// takes a final checkpoint and commits it) or an error stops it. On error the
+// task stops like a crash: the next incarnation's takeover cleans up.
+func (t *Task) Run(ctx context.Context) (err error) {
+	defer t.close()
+	restored, err := t.takeover(ctx)
+	if err != nil {
+		return err
+	}
+	// The checkpointer outlives ctx: the final checkpoint still needs it.
+	cpCtx, cancelCP := context.WithCancel(context.WithoutCancel(ctx))
+	t.cp = newCheckpointer(t, restored, cancelCP)
+	go t.cp.run(cpCtx)
+
+	err = t.loop(ctx)
+	if err == nil {
+		err = t.stopGracefully()
+	}
+	return err
+}
+
+// loop processes records and takes barriers until ctx is done (nil) or an
+// error stops the task.
+func (t *Task) loop(ctx context.Context) error {
+	batches := t.feed.Batches()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-t.cp.fatal:
+			return err
+		case <-t.cfg.Trigger:
+			if err := t.maybeBarrier(ctx); err != nil {
+				return err
+			}
+		case b := <-batches:
+			if b.Err != nil {
+				return fmt.Errorf("task %d: %w", t.cfg.Task, b.Err)
+			}
+			if err := t.process(b.Records); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (t *Task) process(records []*kgo.Record) error {
+	for _, r := range records {
+		next, ok := t.position[r.Topic]
+		if !ok || r.Offset < next {
+			continue // not ours, or already processed
+		}
+		if t.frontier != nil {
+			t.out.suppress = r.Offset < t.frontier[r.Topic]
+		}
+		if err := t.chain(r); err != nil {
+			return fmt.Errorf("task %d: record %s/%d@%d: %w", t.cfg.Task, r.Topic, r.Partition, r.Offset, err)
+		}
+		t.position[r.Topic] = r.Offset + 1
+		t.st.RecordsIn.Add(1)
+		if err := t.step(StepRecord, t.nextID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// maybeBarrier takes a barrier unless the pool of pending transactions is
+// full or the minimum pause since the last completion has not passed.
+//
+// A full pool with no checkpoint in flight means every pending transaction
+// belongs to a failed checkpoint: no checkpoint can complete any more, so
+// past the tolerable number of such skipped barriers the task restarts from
+// its newest complete checkpoint (aborting the pending transactions and
+// replaying their input).
+func (t *Task) maybeBarrier(ctx context.Context) error {
+	if int(t.pendingCount.Load()) >= t.cfg.Settings.MaxPending {
+		if t.cp.outstanding.Load() == 0 {
+			t.stuck++
+			t.st.CheckpointsFailed.Add(1)
+			t.log.Warn("barrier skipped: every transactional id of the pool is pending on a failed checkpoint", "pending", t.pendingCount.Load(), "skipped", t.stuck)
+			if t.stuck > t.cfg.Settings.TolerableFailures {
+				return fmt.Errorf("task %d: %d transactions pending on failed checkpoints and no transactional id free", t.cfg.Task, t.pendingCount.Load())
+			}
+		}
+		return nil
+	}
+	t.stuck = 0
+	if p := t.cfg.Settings.MinPause; p > 0 && time.Since(time.Unix(0, t.lastDone.Load())) < p {
+		return nil
+	}
+	return t.barrier(ctx)
+}
+
+// barrier is the synchronous part of a checkpoint: note the input position,
+// seal the state's write buffer, pre-commit the sink's transaction, and hand
+// the rest to the checkpointer. Nothing here grows with state size.
+func (t *Task) barrier(ctx context.Context) error {
+	id := t.nextID
+	if err := t.step(StepBarrier, id); err != nil {
+		return err
+	}
+	offsets := maps.Clone(t.position)
+	if t.frontier != nil && offsetsLE(t.frontier, offsets) {
+		t.frontier, t.out.suppress = nil, false
+	}
+	sealed := t.store.Seal()
+	pre, err := t.writer.PreCommit(ctx, id)
+	if err != nil {
+		return fmt.Errorf("pre-commit checkpoint %d of task %d: %w", id, t.cfg.Task, err)
+	}
+	t.nextID++
+	t.pendingCount.Add(1)
+	now := time.Now()
+	job := &checkpointJob{id: id, offsets: offsets, sealed: sealed, pre: pre, barrier: now, txnOpened: t.txnOpened}
+	t.txnOpened = now
+	t.lastBarrier = now
+	return t.cp.submit(ctx, job)
+}
+
+// stopGracefully takes a final checkpoint and waits until it is committed,
+// so a rolling restart neither loses nor replays anything.
+func (t *Task) stopGracefully() error {
+	ctx, cancel := context.WithTimeout(context.Background(), t.cfg.Settings.StopTimeout)
+	defer cancel()
+	if err := t.cp.waitIdle(ctx); err != nil {
+		return fmt.Errorf("final checkpoint of task %d: %w", t.cfg.Task, err)
+	}
+	if n := t.pendingCount.Load(); int(n) >= t.cfg.Settings.MaxPending {
+		return fmt.Errorf("final checkpoint of task %d impossible: %d transactions pending on failed checkpoints; the next owner recovers from the newest complete one", t.cfg.Task, n)
+	}
+	id := t.nextID
+	if err := t.barrier(ctx); err != nil {
+		return fmt.Errorf("final checkpoint of task %d: %w", t.cfg.Task, err)
+	}
+	if err := t.cp.waitIdle(ctx); err != nil {
+		return fmt.Errorf("final checkpoint of task %d: %w", t.cfg.Task, err)
+	}
+	if t.pendingCount.Load() != 0 {
+		return fmt.Errorf("final checkpoint %d of task %d did not complete; the next owner recovers from the previous one", id, t.cfg.Task)
+	}
+	t.log.Info("task stopped after final checkpoint", "checkpoint", id)
+	return nil
+}
+
+func (t *Task) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if t.cp != nil {
+		t.cp.stop()
+	}
+	if t.feed != nil {
+		_ = t.feed.Close(ctx)
+	}
+	if t.writer != nil {
+		t.writer.Close()
+	}
+	if t.store != nil {
+		_ = t.store.Close()
+	}
+}
+
+// localStateDir is where the task's backend lives.
+func (t *Task) localStateDir() string { return filepath.Join(t.cfg.WorkDir, "db") }
+
+// localCheckpointDir is where a backend checkpoint is written before upload.
+func (t *Task) localCheckpointDir(id int64) string {
+	return filepath.Join(t.cfg.WorkDir, "checkpoints", fmt.Sprintf("chk-%d", id))
+}
+
+// restoreState rebuilds the task's backend from a checkpoint's files.
+func (t *Task) restoreState(ctx context.Context, c *Checkpoint) error {
+	dir := t.localStateDir()
+	if err := os.RemoveAll(t.cfg.WorkDir); err != nil {
+		return fmt.Errorf("clear work dir of task %d: %w", t.cfg.Task, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create work dir of task %d: %w", t.cfg.Task, err)
+	}
+	for _, f := range c.Files {
+		obj := FileObjectName(t.job, t.cfg.Task, f)
+		if err := DownloadFile(ctx, t.cfg.Storage, obj, filepath.Join(dir, f.Name)); err != nil {
+			return fmt.Errorf("restore checkpoint %d of task %d: %w", c.ID, t.cfg.Task, err)
+		}
+	}
+	b, err := t.cfg.State.Open(dir)
+	if err != nil {
+		return fmt.Errorf("restore checkpoint %d of task %d: open state: %w", c.ID, t.cfg.Task, err)
+	}
+	t.store = state.NewStore(b)
+	return nil
+}
