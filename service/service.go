@@ -1,0 +1,311 @@
+// Package service runs a Sluice job as a process: it owns the command-line
+// flags, wires the Kafka source, the sink, checkpoint storage and the state
+// backend into the checkpoint coordinator, and handles signals. A user's own
+// binary gets all of it from one call:
+//
+//	func main() {
+//		job := operators.NewJob("counts")
+//		... // sources, operators, sinks
+//		service.Main(job)
+//	}
+package service
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sluice-stream/sluice/coordinator"
+	"github.com/sluice-stream/sluice/operators"
+	"github.com/sluice-stream/sluice/sink"
+	"github.com/sluice-stream/sluice/source"
+	"github.com/sluice-stream/sluice/state"
+)
+
+// Config is everything a job process is configured with.
+type Config struct {
+	Brokers       []string
+	CheckpointDir string
+	WorkDir       string
+	InstanceID    string
+	Start         source.StartPosition
+	Delivery      sink.Delivery
+	// Sink, when set, replaces the Kafka sink (tests, the stdout sink).
+	Sink sink.Sink
+	// StateBackend is "pebble" or "memory".
+	StateBackend string
+	// StateCacheBytes is the Pebble block cache shared by the tasks.
+	StateCacheBytes    int64
+	TransactionTimeout time.Duration
+	TxnIDPrefix        string
+	ConnectTimeout     time.Duration
+	Settings           coordinator.Settings
+	LogFormat          string
+	LogLevel           slog.Level
+	// Hook injects crashes at protocol steps (tests only).
+	Hook coordinator.Hook
+}
+
+// DefaultConfig returns the command line's defaults.
+func DefaultConfig() Config {
+	host, _ := os.Hostname()
+	return Config{
+		Brokers:            []string{"localhost:9092"},
+		CheckpointDir:      "./sluice-checkpoints",
+		WorkDir:            filepath.Join(os.TempDir(), "sluice"),
+		InstanceID:         fmt.Sprintf("%s-%d", host, os.Getpid()),
+		Delivery:           sink.ExactlyOnce,
+		StateBackend:       "pebble",
+		StateCacheBytes:    64 << 20,
+		TransactionTimeout: 15 * time.Minute,
+		TxnIDPrefix:        "sluice",
+		ConnectTimeout:     15 * time.Second,
+		Settings:           coordinator.DefaultSettings(),
+		LogFormat:          "text",
+		LogLevel:           slog.LevelInfo,
+	}
+}
+
+// RegisterFlags defines the flags of `run` on fs, writing into c.
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	fs.Func("brokers", "comma-separated Kafka seed brokers (default localhost:9092)", func(s string) error {
+		c.Brokers = nil
+		for b := range strings.SplitSeq(s, ",") {
+			if b = strings.TrimSpace(b); b != "" {
+				c.Brokers = append(c.Brokers, b)
+			}
+		}
+		if len(c.Brokers) == 0 {
+			return errors.New("no broker given")
+		}
+		return nil
+	})
+	fs.StringVar(&c.CheckpointDir, "checkpoint-dir", c.CheckpointDir, "where checkpoints are stored (a local directory)")
+	fs.StringVar(&c.WorkDir, "work-dir", c.WorkDir, "local folder for the tasks' working state")
+	fs.StringVar(&c.InstanceID, "instance-id", c.InstanceID, "name of this instance in logs and checkpoint owners")
+	fs.Func("start", "where a task without checkpoint starts: earliest or latest (default earliest)", func(s string) (err error) {
+		c.Start, err = source.ParseStartPosition(s)
+		return err
+	})
+	fs.Func("delivery", "output guarantee: exactly-once, at-least-once or none (default exactly-once)", func(s string) (err error) {
+		c.Delivery, err = sink.ParseDelivery(s)
+		return err
+	})
+	fs.StringVar(&c.StateBackend, "state", c.StateBackend, "state backend: pebble or memory")
+	fs.DurationVar(&c.TransactionTimeout, "txn-timeout", c.TransactionTimeout, "Kafka transaction timeout of the sink (at most the broker's transaction.max.timeout.ms)")
+	fs.StringVar(&c.TxnIDPrefix, "txn-prefix", c.TxnIDPrefix, "prefix of the sink's transactional ids")
+	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "how long to wait for the brokers at start")
+	s := &c.Settings
+	fs.DurationVar(&s.Interval, "interval", s.Interval, "checkpoint interval")
+	fs.DurationVar(&s.Timeout, "checkpoint-timeout", s.Timeout, "timeout of one checkpoint's asynchronous part")
+	fs.DurationVar(&s.MinPause, "min-pause", s.MinPause, "least pause between a checkpoint's completion and the next barrier")
+	fs.IntVar(&s.MaxPending, "max-pending", s.MaxPending, "most checkpoints pending commit; the sink's pool has this many transactional ids plus one")
+	fs.IntVar(&s.TolerableFailures, "tolerable-failures", s.TolerableFailures, "consecutive failed checkpoints before a task restarts from its newest complete checkpoint")
+	fs.IntVar(&s.Retained, "retained", s.Retained, "complete checkpoints kept per task")
+	fs.BoolVar(&s.CommitOffsets, "commit-offsets", s.CommitOffsets, "commit checkpointed offsets to the consumer group (lag monitoring only)")
+	fs.DurationVar(&s.StopTimeout, "stop-timeout", s.StopTimeout, "bound of the final checkpoint on shutdown")
+	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "log format: text or json")
+	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+}
+
+// Validate reports flag values that cannot work, all at once.
+func (c *Config) Validate() error {
+	errs := []error{c.Settings.Validate()}
+	if c.CheckpointDir == "" {
+		errs = append(errs, errors.New("--checkpoint-dir must not be empty"))
+	}
+	if c.StateBackend != "pebble" && c.StateBackend != "memory" {
+		errs = append(errs, fmt.Errorf("--state %q: want pebble or memory", c.StateBackend))
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", c.LogFormat))
+	}
+	if c.TransactionTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--txn-timeout must be positive, got %s", c.TransactionTimeout))
+	}
+	return errors.Join(errs...)
+}
+
+// NewLogger builds the process logger from the flags.
+func (c *Config) NewLogger(w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: c.LogLevel}
+	if c.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// Process is a started job: its instance runs until Run's context ends.
+type Process struct {
+	Instance *coordinator.Instance
+	Source   *source.Source
+	Sink     sink.Sink
+	Storage  coordinator.Storage
+	close    []func()
+}
+
+// Start connects to Kafka and storage and prepares every task of the job.
+// Errors name what is wrong: a bad flag, an unreachable broker, an
+// unwritable checkpoint directory, a missing input topic.
+func Start(ctx context.Context, job *operators.Job, c Config, log *slog.Logger) (*Process, error) {
+	if err := job.Validate(); err != nil {
+		return nil, fmt.Errorf("job %s: %w", job.Name(), err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Process{}
+	ok := false
+	defer func() {
+		if !ok {
+			p.Close()
+		}
+	}()
+	storage, err := coordinator.NewLocalStorage(c.CheckpointDir)
+	if err != nil {
+		return nil, err
+	}
+	p.Storage = storage
+	src, err := source.New(ctx, source.Config{
+		Brokers: c.Brokers, Group: job.Name(), Topics: job.Inputs(), Start: c.Start,
+		ConnectTimeout: c.ConnectTimeout, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	p.Source = src
+	p.close = append(p.close, src.Close)
+
+	settings := c.Settings
+	p.Sink = c.Sink
+	if p.Sink == nil {
+		k, err := sink.NewKafka(ctx, sink.KafkaConfig{
+			Brokers: c.Brokers, Job: job.Name(), TransactionalIDPrefix: c.TxnIDPrefix,
+			PoolSize: settings.MaxPending + 1, TransactionTimeout: c.TransactionTimeout,
+			Delivery: c.Delivery, Logger: log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		p.Sink = k
+		if c.Delivery == sink.ExactlyOnce {
+			settings.TransactionTimeout = c.TransactionTimeout
+			warnTimeout(log, settings)
+			if err := k.AbortOrphans(ctx, src.Partitions()); err != nil {
+				return nil, err
+			}
+		}
+	}
+	p.close = append(p.close, p.Sink.Close)
+
+	var factory state.Factory
+	if c.StateBackend == "memory" {
+		factory = state.NewMemoryFactory()
+	} else {
+		pf := state.NewPebbleFactory(c.StateCacheBytes)
+		p.close = append(p.close, func() { pf.Close() })
+		factory = pf
+	}
+	tasks := make([]int32, src.Partitions())
+	for i := range tasks {
+		tasks[i] = int32(i)
+	}
+	p.Instance = coordinator.NewInstance(coordinator.InstanceConfig{
+		Job: job, Storage: storage, Sink: p.Sink, State: factory, Input: coordinator.KafkaInput{Source: src},
+		Tasks: tasks, WorkDir: filepath.Join(c.WorkDir, job.Name()), Settings: settings,
+		ID: c.InstanceID, Hook: c.Hook, Log: log,
+	})
+	log.Info("job started", "job", job.Name(), "inputs", job.Inputs(), "outputs", job.Outputs(), "tasks", len(tasks),
+		"brokers", c.Brokers, "checkpoints", storage.String(), "interval", settings.Interval, "delivery", c.Delivery)
+	ok = true
+	return p, nil
+}
+
+// warnTimeout warns when the pending checkpoints could outlive the
+// transaction timeout in normal operation.
+func warnTimeout(log *slog.Logger, s coordinator.Settings) {
+	worst := s.Interval*time.Duration(s.MaxPending+1) + s.Timeout
+	if worst > s.TransactionTimeout/2 {
+		log.Warn("checkpoint interval × pending checkpoints plus the checkpoint timeout comes near the transaction timeout; slow checkpoints will fail the transaction-timeout guard",
+			"interval", s.Interval, "max_pending", s.MaxPending, "checkpoint_timeout", s.Timeout, "txn_timeout", s.TransactionTimeout)
+	}
+}
+
+// Run runs the job until ctx is done, then stops it gracefully.
+func (p *Process) Run(ctx context.Context) error {
+	srcCtx, stopSource := context.WithCancel(context.WithoutCancel(ctx))
+	srcDone := make(chan error, 1)
+	go func() { srcDone <- p.Source.Run(srcCtx) }()
+	err := p.Instance.Run(ctx)
+	stopSource()
+	<-srcDone
+	return err
+}
+
+// Close releases clients and caches.
+func (p *Process) Close() {
+	for i := len(p.close) - 1; i >= 0; i-- {
+		p.close[i]()
+	}
+	p.close = nil
+}
+
+// Main is a user binary's whole main: it parses `run [flags]` from the
+// command line, runs job until SIGINT or SIGTERM, and exits with status 1 and
+// a clear message on any error (2 for bad flags).
+func Main(job *operators.Job) {
+	args := os.Args[1:]
+	if len(args) > 0 && args[0] == "run" {
+		args = args[1:]
+	}
+	os.Exit(RunCommand(args, os.Stderr, func(*flag.FlagSet) func() *operators.Job {
+		return func() *operators.Job { return job }
+	}))
+}
+
+// RunCommand parses the flags of `run`, runs the job until a signal, and
+// returns the exit status. jobFlags may define the job's own flags and
+// returns the function that builds the job once they are parsed.
+func RunCommand(args []string, stderr io.Writer, jobFlags func(*flag.FlagSet) func() *operators.Job) int {
+	c := DefaultConfig()
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c.RegisterFlags(fs)
+	build := jobFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	job := build()
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "run: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+	if err := c.Validate(); err != nil {
+		fmt.Fprintf(stderr, "run: %v\n", err)
+		return 2
+	}
+	log := c.NewLogger(stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	p, err := Start(ctx, job, c, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "run: %v\n", err)
+		return 1
+	}
+	defer p.Close()
+	if err := p.Run(ctx); err != nil {
+		fmt.Fprintf(stderr, "run: %v\n", err)
+		return 1
+	}
+	log.Info("job stopped")
+	return 0
+}
