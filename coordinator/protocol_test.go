@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/sluice-stream/sluice/internal/example"
+	"github.com/sluice-stream/sluice/internal/kafkatest"
 	"github.com/sluice-stream/sluice/sink"
 	"github.com/sluice-stream/sluice/state"
 )
@@ -65,38 +66,12 @@ func genInput(topic string, parts int32, n int) (map[int32][]*kgo.Record, map[st
 	want := map[string]int64{}
 	for p := range parts {
 		for i := range n {
-			key := fmt.Sprintf("user-%d-%d", p, i%5)
+			key := kafkatest.Key(p, i)
 			out[p] = append(out[p], &kgo.Record{Topic: topic, Partition: p, Offset: int64(i), Key: []byte(key), Value: []byte(strconv.Itoa(i))})
 			want[key]++
 		}
 	}
 	return out, want
-}
-
-// checkExactlyOnce asserts that the committed output holds, per key, the
-// counts 1..n in order: every input's output exactly once.
-func checkExactlyOnce(t *testing.T, out []*kgo.Record, want map[string]int64) {
-	t.Helper()
-	next := map[string]int64{}
-	for _, r := range out {
-		n, err := strconv.ParseInt(string(r.Value), 10, 64)
-		if err != nil {
-			t.Fatalf("output %q=%q is not a count", r.Key, r.Value)
-		}
-		k := string(r.Key)
-		if n != next[k]+1 {
-			t.Fatalf("key %s: output count %d follows %d (duplicate or gap)", k, n, next[k])
-		}
-		next[k] = n
-	}
-	for k, n := range want {
-		if next[k] != n {
-			t.Fatalf("key %s: last committed count %d, want %d", k, next[k], n)
-		}
-	}
-	if len(next) != len(want) {
-		t.Fatalf("output has %d keys, want %d", len(next), len(want))
-	}
 }
 
 // checkFinalState loads every task's newest checkpoint and compares the
@@ -234,7 +209,7 @@ func runProtocolScenario(t *testing.T, seed uint64) map[Step]int {
 	if err := <-done; err != nil {
 		t.Fatalf("seed %d: instance: %v", seed, err)
 	}
-	checkExactlyOnce(t, broker.readCommitted("counts"), want)
+	kafkatest.CheckCounts(t, broker.readCommitted("counts"), want)
 	checkFinalState(t, mem, "counts", parts, want)
 	return plan.seen
 }

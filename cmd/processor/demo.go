@@ -307,4 +307,3 @@ func progress(ctx context.Context, out io.Writer, in *coordinator.Instance, gene
 		lastIn = recIn
 	}
 }
-
