@@ -1,13 +1,18 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -270,3 +275,96 @@ func TestRetentionKeepsNoOrphans(t *testing.T) {
 }
 
 var _ sink.Sink = (*fakeSink)(nil)
+
+// syncBuffer is a log sink safe for concurrent writers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.buf = append(b.buf, p...)
+	return len(p), nil
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return string(b.buf)
+}
+
+// TestCorruptNewestCheckpointFallsBack corrupts the newest checkpoint of a
+// task: the next takeover skips it with a loud log line and restores the
+// previous retained one, whose state then continues.
+func TestCorruptNewestCheckpointFallsBack(t *testing.T) {
+	ctx := context.Background()
+	input, _ := genInput("events", 1, 300)
+	mem := NewMemStorage()
+	broker := newFakeBroker()
+	settings := DefaultSettings()
+	settings.Interval = time.Millisecond
+	job := example.CountJob("counts", "events", "counts")
+	run := func(log *slog.Logger, hook Hook, until func(*Instance) bool) {
+		t.Helper()
+		in := NewInstance(InstanceConfig{
+			Job: job, Storage: mem, Sink: &fakeSink{b: broker, pool: 3}, State: state.NewMemoryFactory(),
+			Input: newFakeInput("events", input), Tasks: []int32{0}, WorkDir: t.TempDir(), Settings: settings, ID: "i1",
+			Log: log, Hook: hook,
+		})
+		rctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- in.Run(rctx) }()
+		waitFor(t, 20*time.Second, "the instance's condition", func() bool { return until(in) })
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(nil, nil, func(in *Instance) bool { return in.Stats()[0].RecordsIn.Load() == 300 })
+	ids, err := ListCheckpointIDs(ctx, mem, "counts", 0)
+	if err != nil || len(ids) < 2 {
+		t.Fatalf("want at least 2 checkpoints, got %v (%v)", ids, err)
+	}
+	newest, previous := ids[0], ids[1]
+	prev, err := LoadCheckpoint(ctx, mem, "counts", 0, previous)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := MetadataName("counts", 0, newest)
+	r, err := mem.Get(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := io.ReadAll(r)
+	r.Close()
+	data[len(data)/2] ^= 0xff
+	if err := mem.Put(ctx, name, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+
+	var logs syncBuffer
+	var restored atomic.Pointer[Checkpoint]
+	// Right after the takeover, before any new checkpoint: what was restored?
+	hook := func(task int32, s Step, id int64) error {
+		if s == StepFenced && restored.Load() == nil {
+			c, err := LoadCheckpoint(ctx, mem, "counts", task, id)
+			if err != nil {
+				t.Error(err)
+				return err
+			}
+			restored.Store(c)
+		}
+		return nil
+	}
+	run(slog.New(slog.NewTextHandler(&logs, nil)), hook, func(*Instance) bool { return restored.Load() != nil })
+	if !strings.Contains(logs.String(), "CHECKPOINT UNREADABLE") || !strings.Contains(logs.String(), fmt.Sprintf("checkpoint=%d", newest)) {
+		t.Fatalf("no loud log line about the corrupt checkpoint %d:\n%s", newest, logs.String())
+	}
+	// The claim repeats the previous checkpoint's state and offsets.
+	c := restored.Load()
+	if c.Kind != KindClaim || c.ID != newest+1 || c.Offsets["events"] != prev.Offsets["events"] || len(c.Files) != len(prev.Files) || c.Files[0] != prev.Files[0] {
+		t.Fatalf("restored %+v, want a claim %d with the offsets and files of checkpoint %d (%+v)", c, newest+1, previous, prev)
+	}
+}
