@@ -24,6 +24,7 @@ import (
 	"github.com/sluice-stream/sluice/coordinator"
 	"github.com/sluice-stream/sluice/internal/example"
 	"github.com/sluice-stream/sluice/service"
+	"github.com/sluice-stream/sluice/sink"
 )
 
 // demoConfig are the demo's flags.
@@ -127,7 +128,11 @@ func runDemo(ctx context.Context, dc demoConfig, out io.Writer) error {
 	var generated, visible atomic.Int64
 	wg.Go(func() { generate(bgCtx, addr, dc, &generated) })
 	wg.Go(func() { watchOutput(bgCtx, addr, &visible) })
-	wg.Go(func() { trimInput(bgCtx, adm, p.Storage, dc.partitions) })
+	progressTopic := demoJob + "-progress"
+	if k, ok := p.Sink.(*sink.Kafka); ok {
+		progressTopic = k.ProgressTopic()
+	}
+	wg.Go(func() { trimTopics(bgCtx, adm, p.Storage, dc.partitions, progressTopic) })
 	wg.Go(func() { progress(bgCtx, out, p.Instance, &generated, &visible) })
 
 	say("Running the count job over %d tasks; Ctrl-C stops it (final checkpoint), run again to resume.", dc.partitions)
@@ -248,9 +253,14 @@ func watchOutput(ctx context.Context, addr string, n *atomic.Int64) {
 	}
 }
 
-// trimInput deletes input records below every task's oldest retained
-// checkpoint, which no restore can need, so the in-memory broker stays small.
-func trimInput(ctx context.Context, adm *kadm.Client, st coordinator.Storage, partitions int) {
+// keepOutput is how many of the newest records per partition the demo keeps
+// of its output and progress topics.
+const keepOutput = 50_000
+
+// trimTopics keeps the in-memory broker small: it deletes input records below
+// every task's oldest retained checkpoint, which no restore can need, and all
+// but the newest keepOutput records of the output and progress topics.
+func trimTopics(ctx context.Context, adm *kadm.Client, st coordinator.Storage, partitions int, progressTopic string) {
 	tick := time.NewTicker(10 * time.Second)
 	defer tick.Stop()
 	for {
@@ -272,6 +282,13 @@ func trimInput(ctx context.Context, adm *kadm.Client, st coordinator.Storage, pa
 			if off, ok := oldest.Offsets[demoInput]; ok && off > 0 {
 				os.Add(kadm.Offset{Topic: demoInput, Partition: task, At: off})
 			}
+		}
+		if ends, err := adm.ListEndOffsets(ctx, demoOutput, progressTopic); err == nil {
+			ends.Each(func(o kadm.ListedOffset) {
+				if o.Err == nil && o.Offset > keepOutput {
+					os.Add(kadm.Offset{Topic: o.Topic, Partition: o.Partition, At: o.Offset - keepOutput})
+				}
+			})
 		}
 		if len(os) > 0 {
 			_, _ = adm.DeleteRecords(ctx, os)
