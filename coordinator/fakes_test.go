@@ -24,6 +24,9 @@ type fakeBroker struct {
 	open    map[string]*fakeTxn // open transaction per transactional id
 	outcome map[txnKey]sink.Outcome
 	log     []fakeRecord // every record ever written, in write order
+	// recoveredLost counts pre-committed transactions that a takeover
+	// found lost (the rollback path ran).
+	recoveredLost int
 }
 
 type txnKey struct {
@@ -152,6 +155,11 @@ func (s *fakeSink) Recover(_ context.Context, task int32, cs []sink.Committable)
 		o, _ := s.b.endTxn(c.TransactionalID, c.Epoch)
 		out[i] = o
 		lost = o == sink.Lost
+		if lost {
+			s.b.mu.Lock()
+			s.b.recoveredLost++
+			s.b.mu.Unlock()
+		}
 	}
 	return out, nil
 }

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -16,6 +18,11 @@ import (
 	"github.com/sluice-stream/sluice/state"
 )
 
+// ErrLost is the cause with which a task is stopped when the instance lost
+// it without a rebalance (its group session expired): another owner may
+// already run it, so it stops at once, without a final checkpoint.
+var ErrLost = errors.New("task lost: another owner may run it")
+
 // InstanceConfig configures the tasks one process runs.
 type InstanceConfig struct {
 	Job     *operators.Job
@@ -23,7 +30,8 @@ type InstanceConfig struct {
 	Sink    sink.Sink
 	State   state.Factory
 	Input   Input
-	// Tasks are the task numbers (partition indexes) this instance runs.
+	// Tasks, when set, are run from the start (a single instance owning
+	// every task); with a consumer group, Assign and Revoke drive the tasks.
 	Tasks []int32
 	// WorkDir holds the tasks' local state.
 	WorkDir  string
@@ -35,12 +43,27 @@ type InstanceConfig struct {
 }
 
 // Instance is the checkpoint coordinator of one process: it triggers the
-// barriers of all its tasks and restarts a task that fails, which makes the
-// task recover from its newest complete checkpoint.
+// barriers of its tasks, starts tasks when they are assigned, stops them
+// with a final checkpoint when they are revoked, and restarts a task that
+// fails, which makes it recover from its newest complete checkpoint.
 type Instance struct {
-	cfg   InstanceConfig
-	log   *slog.Logger
-	stats map[int32]*TaskStats
+	cfg InstanceConfig
+	log *slog.Logger
+
+	mu      sync.Mutex
+	ctx     context.Context // the running instance's context; nil before Run
+	fail    context.CancelCauseFunc
+	running map[int32]*runningTask
+	stats   map[int32]*TaskStats // kept across incarnations and assignments
+	wg      sync.WaitGroup
+	started chan struct{}
+}
+
+// runningTask is an assigned task and its supervisor.
+type runningTask struct {
+	stop    context.CancelCauseFunc
+	done    chan struct{}
+	trigger chan struct{}
 }
 
 // NewInstance prepares an instance; Run runs it.
@@ -53,45 +76,69 @@ func NewInstance(cfg InstanceConfig) *Instance {
 	for _, t := range cfg.Tasks {
 		stats[t] = &TaskStats{}
 	}
-	return &Instance{cfg: cfg, log: log, stats: stats}
+	return &Instance{cfg: cfg, log: log, running: map[int32]*runningTask{}, stats: stats, started: make(chan struct{})}
 }
 
-// Stats returns the counters of every task, by task number.
-func (in *Instance) Stats() map[int32]*TaskStats { return in.stats }
+// Stats returns the counters of every task this instance has run, by task.
+func (in *Instance) Stats() map[int32]*TaskStats {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return maps.Clone(in.stats)
+}
 
-// Run runs every task until ctx is done, then stops them gracefully (final
-// checkpoint and commit). A task that fails is restarted with backoff; an
-// error that a restart cannot cure (input gone) stops the instance.
+// Tasks returns the tasks assigned to this instance now, sorted.
+func (in *Instance) Tasks() []int32 {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return slices.Sorted(maps.Keys(in.running))
+}
+
+// Ready reports whether every assigned task is restored and processing.
+func (in *Instance) Ready() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.ctx == nil {
+		return false
+	}
+	for task := range in.running {
+		if !in.stats[task].Running.Load() {
+			return false
+		}
+	}
+	return true
+}
+
+// Run runs the instance until ctx is done, then stops every task gracefully
+// (final checkpoint and commit). An error that a restart cannot cure (input
+// gone) stops the instance and is returned.
 func (in *Instance) Run(ctx context.Context) error {
 	if err := in.cfg.Settings.Validate(); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	ctx, fail := context.WithCancelCause(ctx)
+	defer fail(nil)
+	in.mu.Lock()
+	in.ctx, in.fail = context.WithoutCancel(ctx), fail
+	in.mu.Unlock()
+	close(in.started)
+	if in.cfg.Tasks != nil {
+		in.Assign(in.cfg.Tasks)
+	}
+	in.trigger(ctx)
 
-	triggers := make(map[int32]chan struct{}, len(in.cfg.Tasks))
-	for _, t := range in.cfg.Tasks {
-		triggers[t] = make(chan struct{}, 1)
-	}
-	var wg sync.WaitGroup
-	wg.Go(func() { in.trigger(ctx, triggers) })
-	for _, task := range in.cfg.Tasks {
-		wg.Go(func() {
-			if err := in.supervise(ctx, task, triggers[task]); err != nil {
-				cancel(err)
-			}
-		})
-	}
-	wg.Wait()
+	stopCtx, cancel := context.WithTimeout(context.Background(), in.cfg.Settings.StopTimeout+time.Second)
+	defer cancel()
+	in.Revoke(stopCtx, in.Tasks())
+	in.wg.Wait()
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
 	return nil
 }
 
-// trigger asks every task for a barrier once per interval; a task that is
-// still busy simply finds the request when it gets to it.
-func (in *Instance) trigger(ctx context.Context, triggers map[int32]chan struct{}) {
+// trigger asks every task for a barrier once per interval until ctx is done;
+// a busy task finds the request when it gets to it.
+func (in *Instance) trigger(ctx context.Context) {
 	tick := time.NewTicker(in.cfg.Settings.Interval)
 	defer tick.Stop()
 	for {
@@ -99,32 +146,101 @@ func (in *Instance) trigger(ctx context.Context, triggers map[int32]chan struct{
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			for _, c := range triggers {
-				select {
-				case c <- struct{}{}:
-				default:
-				}
+		}
+		in.mu.Lock()
+		for _, r := range in.running {
+			select {
+			case r.trigger <- struct{}{}:
+			default:
 			}
 		}
+		in.mu.Unlock()
 	}
 }
 
-// supervise runs incarnations of one task until ctx is done.
+// Assign starts the given tasks (those not running yet). It waits for Run to
+// have started.
+func (in *Instance) Assign(tasks []int32) {
+	<-in.started
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, task := range tasks {
+		if in.running[task] != nil {
+			continue
+		}
+		if in.stats[task] == nil {
+			in.stats[task] = &TaskStats{}
+		}
+		ctx, stop := context.WithCancelCause(in.ctx)
+		r := &runningTask{stop: stop, done: make(chan struct{}), trigger: make(chan struct{}, 1)}
+		in.running[task] = r
+		in.wg.Go(func() {
+			defer close(r.done)
+			if err := in.supervise(ctx, task, r.trigger); err != nil {
+				in.fail(err)
+			}
+		})
+		in.log.Info("task assigned", "task", task)
+	}
+}
+
+// Revoke stops the given tasks gracefully: each takes a final checkpoint and
+// commits it before Revoke returns, so the next owner neither loses nor
+// replays anything. Past ctx's deadline the remaining tasks are stopped
+// without it (the next owner recovers them).
+func (in *Instance) Revoke(ctx context.Context, tasks []int32) {
+	in.stopTasks(ctx, tasks, context.Canceled)
+}
+
+// Lose stops the given tasks at once, without a final checkpoint: the group
+// session was lost and another owner may already run them.
+func (in *Instance) Lose(tasks []int32) {
+	in.stopTasks(context.Background(), tasks, ErrLost)
+}
+
+func (in *Instance) stopTasks(ctx context.Context, tasks []int32, cause error) {
+	in.mu.Lock()
+	var stopping []*runningTask
+	for _, task := range tasks {
+		if r := in.running[task]; r != nil {
+			delete(in.running, task)
+			r.stop(cause)
+			stopping = append(stopping, r)
+		}
+	}
+	in.mu.Unlock()
+	for _, r := range stopping {
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			r.stop(ErrLost) // too late for a final checkpoint
+			<-r.done
+		}
+	}
+	if len(tasks) > 0 {
+		in.log.Info("tasks released", "tasks", tasks, "graceful", !errors.Is(cause, ErrLost))
+	}
+}
+
+// supervise runs incarnations of one task until its context ends.
 func (in *Instance) supervise(ctx context.Context, task int32, trigger chan struct{}) error {
 	const minBackoff, maxBackoff = 50 * time.Millisecond, 5 * time.Second
 	backoff := minBackoff
 	for n := 1; ; n++ {
 		started := time.Now()
+		in.mu.Lock()
+		st := in.stats[task]
+		in.mu.Unlock()
 		t := NewTask(TaskConfig{
 			Job: in.cfg.Job, Task: task, Storage: in.cfg.Storage, Sink: in.cfg.Sink, State: in.cfg.State,
 			Input: in.cfg.Input, Settings: in.cfg.Settings, Trigger: trigger, Hook: in.cfg.Hook, Log: in.log,
 			WorkDir: filepath.Join(in.cfg.WorkDir, "task-"+strconv.Itoa(int(task))),
 			Owner:   fmt.Sprintf("%s/task-%d/%d-%d", in.cfg.ID, task, time.Now().UnixNano(), n),
-			Stats:   in.stats[task],
+			Stats:   st,
 		})
 		err := t.Run(ctx)
 		if ctx.Err() != nil {
-			if err != nil {
+			if err != nil && !errors.Is(err, ErrLost) {
 				in.log.Warn("task stopped with an error; the next owner recovers it", "task", task, "err", err)
 			}
 			return nil
@@ -138,6 +254,12 @@ func (in *Instance) supervise(ctx context.Context, task int32, trigger chan stru
 		}
 		if time.Since(started) > time.Minute || errors.Is(err, ErrCrash) {
 			backoff = minBackoff
+		}
+		if errors.Is(err, ErrTakenOver) {
+			// Another owner claimed the task. Take it back only if it is
+			// still ours after a while (the group decides), so two owners
+			// do not keep fencing each other.
+			backoff = maxBackoff
 		}
 		level := slog.LevelError
 		if errors.Is(err, ErrCrash) {

@@ -24,8 +24,13 @@ import (
 	"github.com/sluice-stream/sluice/state"
 )
 
+// protocolSteps are the named steps a fault plan aims its crashes at.
+var protocolSteps = []Step{StepRecord, StepBarrier, StepPreCommitted, StepUploaded, StepMetadataCreated,
+	StepTxnCommitted, StepCommitted, StepClaimed, StepRecoveryCommit, StepFenced}
+
 // faultPlan decides, from a seed, where a run crashes tasks and where the
-// broker aborts every open transaction (a broker crash).
+// broker aborts every open transaction (a broker crash). Each crash aims at
+// a step drawn uniformly, so rare steps get their share.
 type faultPlan struct {
 	mu      sync.Mutex
 	rng     *rand.Rand
@@ -33,6 +38,8 @@ type faultPlan struct {
 	aborts  int // broker aborts left to inject
 	off     bool
 	broker  *fakeBroker
+	target  Step
+	misses  int          // hook calls since the target was drawn
 	seen    map[Step]int // crashes injected per step
 }
 
@@ -42,20 +49,28 @@ func (p *faultPlan) hook(task int32, s Step, id int64) error {
 	if p.off {
 		return nil
 	}
-	prob := 0.2
-	if s == StepRecord {
-		prob = 0.004
-	}
-	if p.aborts > 0 && p.rng.Float64() < prob/4 {
+	if p.aborts > 0 && p.rng.Float64() < 0.002 {
 		p.aborts--
 		p.broker.abortAll()
 	}
-	if p.crashes > 0 && p.rng.Float64() < prob {
-		p.crashes--
-		p.seen[s]++
-		return ErrCrash
+	if p.crashes == 0 {
+		return nil
 	}
-	return nil
+	if p.target == "" || p.misses > 5000 {
+		p.target, p.misses = protocolSteps[p.rng.IntN(len(protocolSteps))], 0
+	}
+	p.misses++
+	prob := 0.5
+	if s == StepRecord {
+		prob = 0.01
+	}
+	if s != p.target || p.rng.Float64() >= prob {
+		return nil
+	}
+	p.crashes--
+	p.seen[s]++
+	p.target = ""
+	return ErrCrash
 }
 
 func (p *faultPlan) stop() {
@@ -79,8 +94,8 @@ func genInput(topic string, parts int32, n int) (map[int32][]*kgo.Record, map[st
 	return out, want
 }
 
-// checkFinalState loads every task's newest checkpoint and compares the
-// counting operator's state with the true counts.
+// checkFinalState loads every task's newest checkpoint as a restore would
+// and compares the counting operator's state with the true counts.
 func checkFinalState(t *testing.T, st Storage, job string, parts int32, want map[string]int64) {
 	t.Helper()
 	ctx := context.Background()
@@ -93,27 +108,11 @@ func checkFinalState(t *testing.T, st Storage, job string, parts int32, want map
 		if err != nil {
 			t.Fatal(err)
 		}
-		dir := t.TempDir()
-		for _, f := range c.Files {
-			if err := DownloadFile(ctx, st, FileObjectName(job, p, f), filepath.Join(dir, f.Name)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		b, err := state.NewMemoryFactory().Open(dir)
+		store, err := OpenCheckpointState(ctx, st, state.NewMemoryFactory(), c, t.TempDir())
 		if err != nil {
 			t.Fatal(err)
 		}
-		store := state.NewStore(b)
-		for k, n := range want {
-			if k[len("user-")] != byte('0'+p) {
-				continue
-			}
-			sc := &state.Scope{Store: store, Operator: example.CountOperator, Key: []byte(k)}
-			got, _, err := example.CountState.Get(sc)
-			if err != nil || got != n {
-				t.Fatalf("task %d key %s: state %d (%v), want %d", p, k, got, err, n)
-			}
-		}
+		kafkatest.CheckCountState(t, store, p, want)
 		store.Close()
 	}
 }
@@ -143,21 +142,26 @@ func TestProtocolUnderFaults(t *testing.T) {
 		runs = 15
 	}
 	total := map[Step]int{}
+	rollbacks := 0
 	for seed := range runs {
-		seen := runProtocolScenario(t, uint64(seed))
+		seen, lost := runProtocolScenario(t, uint64(seed))
 		for s, n := range seen {
 			total[s] += n
 		}
+		rollbacks += lost
 	}
-	t.Logf("crashes injected per step over %d runs: %v", runs, total)
-	for _, s := range []Step{StepRecord, StepBarrier, StepPreCommitted, StepUploaded, StepMetadataCreated, StepTxnCommitted, StepCommitted, StepClaimed, StepRecoveryCommit, StepFenced} {
+	t.Logf("crashes injected per step over %d runs: %v; lost transactions recovered by rollback: %d", runs, total, rollbacks)
+	if rollbacks == 0 {
+		t.Error("no lost transaction was ever recovered: the rollback path was not exercised")
+	}
+	for _, s := range protocolSteps {
 		if total[s] == 0 {
 			t.Errorf("no crash was injected at step %s", s)
 		}
 	}
 }
 
-func runProtocolScenario(t *testing.T, seed uint64) map[Step]int {
+func runProtocolScenario(t *testing.T, seed uint64) (map[Step]int, int) {
 	const parts, perPart = 2, 400
 	input, want := genInput("events", parts, perPart)
 	broker := newFakeBroker()
@@ -216,7 +220,7 @@ func runProtocolScenario(t *testing.T, seed uint64) map[Step]int {
 	}
 	kafkatest.CheckCounts(t, broker.readCommitted("counts"), want)
 	checkFinalState(t, mem, "counts", parts, want)
-	return plan.seen
+	return plan.seen, broker.recoveredLost
 }
 
 // TestRetentionKeepsNoOrphans runs checkpoints with --retained 3 and checks

@@ -54,6 +54,7 @@ type TaskStats struct {
 	LastCheckpointID     atomic.Int64
 	LastCheckpointNanos  atomic.Int64
 	Restored             atomic.Int64 // id of the checkpoint the task restored
+	Running              atomic.Bool  // restored and processing
 }
 
 // Task is one incarnation of a task: takeover, then the record loop with
@@ -144,8 +145,13 @@ func (t *Task) Run(ctx context.Context) (err error) {
 	t.cp = newCheckpointer(t, restored, cancelCP)
 	go t.cp.run(cpCtx)
 
+	t.st.Running.Store(true)
+	defer t.st.Running.Store(false)
 	err = t.loop(ctx)
 	if err == nil {
+		if cause := context.Cause(ctx); errors.Is(cause, ErrLost) {
+			return cause // another owner may run it: no final checkpoint
+		}
 		err = t.stopGracefully()
 	}
 	return err
@@ -309,16 +315,10 @@ func (t *Task) restoreState(ctx context.Context, c *Checkpoint) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create work dir of task %d: %w", t.cfg.Task, err)
 	}
-	for _, f := range c.Files {
-		obj := FileObjectName(t.job, t.cfg.Task, f)
-		if err := DownloadFile(ctx, t.cfg.Storage, obj, filepath.Join(dir, f.Name)); err != nil {
-			return fmt.Errorf("restore checkpoint %d of task %d: %w", c.ID, t.cfg.Task, err)
-		}
-	}
-	b, err := t.cfg.State.Open(dir)
+	store, err := OpenCheckpointState(ctx, t.cfg.Storage, t.cfg.State, c, dir)
 	if err != nil {
-		return fmt.Errorf("restore checkpoint %d of task %d: open state: %w", c.ID, t.cfg.Task, err)
+		return err
 	}
-	t.store = state.NewStore(b)
+	t.store = store
 	return nil
 }
