@@ -5,6 +5,7 @@
 package kafkatest
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strconv"
@@ -95,8 +96,11 @@ func ReadCommitted(t testing.TB, addr, topic string, partitions int32, timeout t
 	prod := Client(t, addr, kgo.RecordPartitioner(kgo.ManualPartitioner()), kgo.DefaultProduceTopic(topic))
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// Sentinels of earlier reads stay in the topic: only this read's own
+	// (told apart by their value) mark the end.
+	nonce := []byte(strconv.FormatInt(time.Now().UnixNano(), 36))
 	for p := range partitions {
-		if err := prod.ProduceSync(ctx, &kgo.Record{Partition: p, Key: []byte(SentinelKey)}).FirstErr(); err != nil {
+		if err := prod.ProduceSync(ctx, &kgo.Record{Partition: p, Key: []byte(SentinelKey), Value: nonce}).FirstErr(); err != nil {
 			t.Fatalf("write sentinel to %s/%d: %v", topic, p, err)
 		}
 	}
@@ -111,7 +115,9 @@ func ReadCommitted(t testing.TB, addr, topic string, partitions int32, timeout t
 		}
 		fs.EachRecord(func(r *kgo.Record) {
 			if string(r.Key) == SentinelKey {
-				ended[r.Partition] = true
+				if bytes.Equal(r.Value, nonce) {
+					ended[r.Partition] = true
+				}
 				return
 			}
 			if !ended[r.Partition] {
