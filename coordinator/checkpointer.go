@@ -24,6 +24,7 @@ type checkpointJob struct {
 	pre       sink.PreCommitted
 	barrier   time.Time
 	txnOpened time.Time
+	syncPause time.Duration
 }
 
 // checkpointer runs the asynchronous part of a task's checkpoints, one at a
@@ -165,7 +166,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 
 	refs, uploadedBytes, err := cp.upload(ctx, job.id, dir, files)
 	if err != nil {
-		return cp.failed(job.id, err)
+		return cp.failed(job, err)
 	}
 	if err := t.step(StepUploaded, job.id); err != nil {
 		return err
@@ -174,6 +175,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 	if tt := t.cfg.Settings.TransactionTimeout; tt > 0 && len(cp.opened) > 0 {
 		if age := time.Since(cp.opened[0]); age > tt-t.cfg.Settings.guardMargin() {
 			t.st.CheckpointsFailed.Add(1)
+			cp.record(job, "failed", errors.New("transaction-timeout guard"), nil)
 			t.log.Error("CHECKPOINT FAILED by the transaction-timeout guard: its oldest pending transaction could be aborted by the broker before the commit; restarting the task from its newest complete checkpoint",
 				"checkpoint", job.id, "oldest_pending", cp.pending[0].CheckpointID, "age", age.Round(time.Millisecond), "transaction_timeout", tt)
 			return fmt.Errorf("checkpoint %d of task %d: pending transaction of checkpoint %d is %s old, too close to the transaction timeout %s",
@@ -190,7 +192,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 		if errors.Is(err, ErrTakenOver) {
 			return err
 		}
-		return cp.failed(job.id, err)
+		return cp.failed(job, err)
 	}
 	if err := t.step(StepMetadataCreated, job.id); err != nil {
 		return err
@@ -198,6 +200,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 
 	// Commit in checkpoint order, so the committed transactions of a task
 	// are always a prefix.
+	commitStart := time.Now()
 	for len(cp.pending) > 0 {
 		p := cp.pending[0]
 		if err := t.writer.Commit(ctx, []sink.Committable{p.Committable}); err != nil {
@@ -213,6 +216,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 	if err := t.step(StepCommitted, job.id); err != nil {
 		return err
 	}
+	commitLatency := time.Since(commitStart)
 	cp.failures = 0
 	elapsed := time.Since(job.barrier)
 	t.st.CheckpointsCompleted.Add(1)
@@ -223,6 +227,9 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 	for _, r := range refs {
 		size += r.Size
 	}
+	cp.record(job, "completed", nil, func(r *CheckpointRecord) {
+		r.FullBytes, r.UploadedBytes, r.CommitLatency = size, uploadedBytes, commitLatency
+	})
 	t.log.Info("checkpoint completed", "checkpoint", job.id, "duration", elapsed.Round(time.Microsecond),
 		"full_bytes", size, "uploaded_bytes", uploadedBytes, "offsets", job.offsets)
 
@@ -237,15 +244,35 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 
 // failed counts a failed checkpoint; past the tolerable number of
 // consecutive failures the task restarts from its newest complete checkpoint.
-func (cp *checkpointer) failed(id int64, err error) error {
+func (cp *checkpointer) failed(job *checkpointJob, err error) error {
 	t := cp.t
 	cp.failures++
 	t.st.CheckpointsFailed.Add(1)
-	t.log.Warn("checkpoint failed; its transaction stays pending for the next one", "checkpoint", id, "consecutive_failures", cp.failures, "err", err)
+	cp.record(job, "failed", err, nil)
+	t.log.Warn("checkpoint failed; its transaction stays pending for the next one", "checkpoint", job.id, "consecutive_failures", cp.failures, "err", err)
 	if cp.failures > t.cfg.Settings.TolerableFailures {
-		return fmt.Errorf("checkpoint %d of task %d: %d consecutive checkpoints failed: %w", id, t.cfg.Task, cp.failures, err)
+		return fmt.Errorf("checkpoint %d of task %d: %d consecutive checkpoints failed: %w", job.id, t.cfg.Task, cp.failures, err)
 	}
 	return nil
+}
+
+// record adds the checkpoint to the task's history and reports it; fill,
+// if set, adds what only a completed checkpoint knows.
+func (cp *checkpointer) record(job *checkpointJob, status string, err error, fill func(*CheckpointRecord)) {
+	r := CheckpointRecord{
+		Task: cp.t.cfg.Task, ID: job.id, Status: status, Barrier: job.barrier, SyncPause: job.syncPause,
+		Duration: time.Since(job.barrier), Offsets: job.offsets,
+	}
+	if err != nil {
+		r.Error = err.Error()
+	}
+	if fill != nil {
+		fill(&r)
+	}
+	cp.t.st.history.add(r)
+	if cp.t.st.observe != nil {
+		cp.t.st.observe(r)
+	}
 }
 
 // upload stores the snapshot files: shareable files only once (incremental),

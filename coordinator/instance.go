@@ -40,6 +40,8 @@ type InstanceConfig struct {
 	ID   string
 	Hook Hook
 	Log  *slog.Logger
+	// Observe, when set, is called with every finished checkpoint (metrics).
+	Observe func(CheckpointRecord)
 }
 
 // Instance is the checkpoint coordinator of one process: it triggers the
@@ -74,7 +76,7 @@ func NewInstance(cfg InstanceConfig) *Instance {
 	}
 	stats := make(map[int32]*TaskStats, len(cfg.Tasks))
 	for _, t := range cfg.Tasks {
-		stats[t] = &TaskStats{}
+		stats[t] = &TaskStats{observe: cfg.Observe}
 	}
 	return &Instance{cfg: cfg, log: log, running: map[int32]*runningTask{}, stats: stats, started: make(chan struct{})}
 }
@@ -169,7 +171,7 @@ func (in *Instance) Assign(tasks []int32) {
 			continue
 		}
 		if in.stats[task] == nil {
-			in.stats[task] = &TaskStats{}
+			in.stats[task] = &TaskStats{observe: in.cfg.Observe}
 		}
 		ctx, stop := context.WithCancelCause(in.ctx)
 		r := &runningTask{stop: stop, done: make(chan struct{}), trigger: make(chan struct{}, 1)}

@@ -55,6 +55,13 @@ type TaskStats struct {
 	LastCheckpointNanos  atomic.Int64
 	Restored             atomic.Int64 // id of the checkpoint the task restored
 	Running              atomic.Bool  // restored and processing
+	// Lag is the input records behind the end of the log, as of the last
+	// batch fetched.
+	Lag atomic.Int64
+
+	history history
+	// observe, when set, is called with every finished checkpoint.
+	observe func(CheckpointRecord)
 }
 
 // Task is one incarnation of a task: takeover, then the record loop with
@@ -80,6 +87,7 @@ type Task struct {
 	// frontier is set while the task replays input whose output is already
 	// committed (after a rollback): output of records below it is dropped.
 	frontier map[string]int64
+	hwm      map[string]int64 // end offset per input topic, as last fetched
 	// stuck counts consecutive barriers skipped because failed checkpoints
 	// hold every transactional id.
 	stuck int
@@ -178,6 +186,9 @@ func (t *Task) loop(ctx context.Context) error {
 			if err := t.process(b.Records); err != nil {
 				return err
 			}
+			if n := len(b.Records); n > 0 {
+				t.noteLag(b.Records[n-1].Topic, b.HighWatermark)
+			}
 		}
 	}
 }
@@ -201,6 +212,20 @@ func (t *Task) process(records []*kgo.Record) error {
 		}
 	}
 	return nil
+}
+
+// noteLag updates the task's consumer lag: records behind the end of each
+// input partition, summed.
+func (t *Task) noteLag(topic string, hwm int64) {
+	if t.hwm == nil {
+		t.hwm = map[string]int64{}
+	}
+	t.hwm[topic] = hwm
+	var lag int64
+	for tp, end := range t.hwm {
+		lag += max(end-t.position[tp], 0)
+	}
+	t.st.Lag.Store(lag)
 }
 
 // maybeBarrier takes a barrier unless the pool of pending transactions is
@@ -238,6 +263,7 @@ func (t *Task) barrier(ctx context.Context) error {
 	if err := t.step(StepBarrier, id); err != nil {
 		return err
 	}
+	start := time.Now()
 	offsets := maps.Clone(t.position)
 	if t.frontier != nil && offsetsLE(t.frontier, offsets) {
 		t.frontier, t.out.suppress = nil, false
@@ -250,7 +276,7 @@ func (t *Task) barrier(ctx context.Context) error {
 	t.nextID++
 	t.pendingCount.Add(1)
 	now := time.Now()
-	job := &checkpointJob{id: id, offsets: offsets, sealed: sealed, pre: pre, barrier: now, txnOpened: t.txnOpened}
+	job := &checkpointJob{id: id, offsets: offsets, sealed: sealed, pre: pre, barrier: now, txnOpened: t.txnOpened, syncPause: time.Since(start)}
 	t.txnOpened = now
 	t.lastBarrier = now
 	return t.cp.submit(ctx, job)

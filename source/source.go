@@ -82,7 +82,10 @@ type Config struct {
 // that stopped fetching it.
 type Batch struct {
 	Records []*kgo.Record
-	Err     error
+	// HighWatermark is the partition's end offset as of this fetch, for
+	// consumer lag.
+	HighWatermark int64
+	Err           error
 }
 
 // Inbox is the queue of batches of one assigned task.
@@ -338,7 +341,7 @@ func (s *Source) Run(ctx context.Context) error {
 		})
 		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
 			if len(p.Records) > 0 {
-				s.deliver(ctx, p.Partition, Batch{Records: p.Records})
+				s.deliver(ctx, p.Partition, Batch{Records: p.Records, HighWatermark: p.HighWatermark})
 			}
 		})
 	}
