@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/sluice-stream/sluice/source"
@@ -101,11 +102,27 @@ type Feed interface {
 	Close(ctx context.Context) error
 }
 
-// KafkaInput adapts a source.Source to Input.
-type KafkaInput struct{ *source.Source }
+// KafkaInput adapts a source.Source to Input. With a consumer group, offsets
+// are committed as a group member (a broker refuses other commits to a group
+// with members).
+type KafkaInput struct {
+	*source.Source
+	group atomic.Pointer[source.Membership]
+}
+
+// UseGroup makes CommitOffsets commit through the group membership.
+func (k *KafkaInput) UseGroup(m *source.Membership) { k.group.Store(m) }
+
+// CommitOffsets implements Input.
+func (k *KafkaInput) CommitOffsets(ctx context.Context, task int32, offsets map[string]int64) error {
+	if m := k.group.Load(); m != nil {
+		return m.CommitOffsets(ctx, task, offsets)
+	}
+	return k.Source.CommitOffsets(ctx, task, offsets)
+}
 
 // Open implements Input.
-func (k KafkaInput) Open(ctx context.Context, task int32, offsets map[string]int64) (Feed, error) {
+func (k *KafkaInput) Open(ctx context.Context, task int32, offsets map[string]int64) (Feed, error) {
 	in, err := k.Assign(ctx, task, offsets)
 	if err != nil {
 		return nil, err

@@ -53,6 +53,19 @@ type Config struct {
 	LogLevel           slog.Level
 	// Hook injects crashes at protocol steps (tests only).
 	Hook coordinator.Hook
+	// GroupProtocol is "classic" (cooperative, Sluice's task balancer),
+	// "consumer" (KIP-848, the broker assigns) or "none" (this instance runs
+	// every task without joining the group).
+	GroupProtocol string
+	// SessionTimeout and RebalanceTimeout are the consumer group's; a
+	// revoked task's final checkpoint is bounded by the rebalance timeout.
+	SessionTimeout, RebalanceTimeout time.Duration
+	// AdminAddr is where /healthz, /readyz, /metrics and /checkpoints are
+	// served; empty disables them.
+	AdminAddr string
+	// Storage, when set, replaces the local checkpoint storage in
+	// CheckpointDir (tests: fault injection with coordinator.FaultyStorage).
+	Storage coordinator.Storage
 }
 
 // DefaultConfig returns the command line's defaults.
@@ -72,6 +85,9 @@ func DefaultConfig() Config {
 		Settings:           coordinator.DefaultSettings(),
 		LogFormat:          "text",
 		LogLevel:           slog.LevelInfo,
+		GroupProtocol:      "classic",
+		SessionTimeout:     10 * time.Second,
+		RebalanceTimeout:   60 * time.Second,
 	}
 }
 
@@ -113,6 +129,11 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.IntVar(&s.Retained, "retained", s.Retained, "complete checkpoints kept per task")
 	fs.BoolVar(&s.CommitOffsets, "commit-offsets", s.CommitOffsets, "commit checkpointed offsets to the consumer group (lag monitoring only)")
 	fs.DurationVar(&s.StopTimeout, "stop-timeout", s.StopTimeout, "bound of the final checkpoint on shutdown")
+	fs.StringVar(&c.GroupProtocol, "group-protocol", c.GroupProtocol, "consumer group protocol: classic (cooperative, task-sticky), consumer (KIP-848) or none (run every task, no group)")
+	fs.DurationVar(&c.SessionTimeout, "session-timeout", c.SessionTimeout, "consumer group session timeout")
+	fs.DurationVar(&c.RebalanceTimeout, "rebalance-timeout", c.RebalanceTimeout, "consumer group rebalance timeout; bounds the final checkpoint of a revoked task")
+	c.AdminAddr = ":8080" // the command line serves them by default; Start callers opt in
+	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "address of the admin HTTP endpoints (/healthz, /readyz, /metrics, /checkpoints); empty disables")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "log format: text or json")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
 }
@@ -128,6 +149,11 @@ func (c *Config) Validate() error {
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", c.LogFormat))
+	}
+	switch c.GroupProtocol {
+	case "classic", "consumer", "none":
+	default:
+		errs = append(errs, fmt.Errorf("--group-protocol %q: want classic, consumer or none", c.GroupProtocol))
 	}
 	if c.TransactionTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--txn-timeout must be positive, got %s", c.TransactionTimeout))
@@ -150,7 +176,20 @@ type Process struct {
 	Source   *source.Source
 	Sink     sink.Sink
 	Storage  coordinator.Storage
+	cfg      Config
+	job      *operators.Job
+	log      *slog.Logger
+	input    *coordinator.KafkaInput
+	admin    *admin
 	close    []func()
+}
+
+// AdminAddr is the address the admin endpoints listen on ("" if disabled).
+func (p *Process) AdminAddr() string {
+	if p.admin == nil {
+		return ""
+	}
+	return p.admin.Addr()
 }
 
 // Start connects to Kafka and storage and prepares every task of the job.
@@ -163,16 +202,20 @@ func Start(ctx context.Context, job *operators.Job, c Config, log *slog.Logger) 
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Process{}
+	p := &Process{cfg: c, job: job, log: log}
 	ok := false
 	defer func() {
 		if !ok {
 			p.Close()
 		}
 	}()
-	storage, err := coordinator.NewLocalStorage(c.CheckpointDir)
-	if err != nil {
-		return nil, err
+	storage := c.Storage
+	if storage == nil {
+		local, err := coordinator.NewLocalStorage(c.CheckpointDir)
+		if err != nil {
+			return nil, err
+		}
+		storage = local
 	}
 	p.Storage = storage
 	src, err := source.New(ctx, source.Config{
@@ -215,15 +258,27 @@ func Start(ctx context.Context, job *operators.Job, c Config, log *slog.Logger) 
 		p.close = append(p.close, func() { pf.Close() })
 		factory = pf
 	}
-	tasks := make([]int32, src.Partitions())
-	for i := range tasks {
-		tasks[i] = int32(i)
+	var tasks []int32 // with a group, the group assigns them
+	if c.GroupProtocol == "none" {
+		tasks = make([]int32, src.Partitions())
+		for i := range tasks {
+			tasks[i] = int32(i)
+		}
 	}
+	m := newMetrics()
+	p.input = &coordinator.KafkaInput{Source: src}
 	p.Instance = coordinator.NewInstance(coordinator.InstanceConfig{
-		Job: job, Storage: storage, Sink: p.Sink, State: factory, Input: coordinator.KafkaInput{Source: src},
+		Job: job, Storage: storage, Sink: p.Sink, State: factory, Input: p.input,
 		Tasks: tasks, WorkDir: filepath.Join(c.WorkDir, job.Name()), Settings: settings,
-		ID: c.InstanceID, Hook: c.Hook, Log: log,
+		ID: c.InstanceID, Hook: c.Hook, Log: log, Observe: m.observe,
 	})
+	m.instance = p.Instance
+	if p.admin, err = startAdmin(c.AdminAddr, p.Instance, m, log); err != nil {
+		return nil, err
+	}
+	if p.admin != nil {
+		p.close = append(p.close, p.admin.close)
+	}
 	log.Info("job started", "job", job.Name(), "inputs", job.Inputs(), "outputs", job.Outputs(), "tasks", len(tasks),
 		"brokers", c.Brokers, "checkpoints", storage.String(), "interval", settings.Interval, "delivery", c.Delivery)
 	ok = true
@@ -240,15 +295,56 @@ func warnTimeout(log *slog.Logger, s coordinator.Settings) {
 	}
 }
 
-// Run runs the job until ctx is done, then stops it gracefully.
+// Run runs the job until ctx is done, then stops it gracefully: with a
+// consumer group it leaves the group only after every task's final
+// checkpoint, so the next owners neither lose nor replay anything.
 func (p *Process) Run(ctx context.Context) error {
 	srcCtx, stopSource := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSource()
 	srcDone := make(chan error, 1)
 	go func() { srcDone <- p.Source.Run(srcCtx) }()
-	err := p.Instance.Run(ctx)
-	stopSource()
-	<-srcDone
-	return err
+	defer func() { stopSource(); <-srcDone }()
+
+	instCtx, stopInstance := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopInstance()
+	instDone := make(chan error, 1)
+	go func() { instDone <- p.Instance.Run(instCtx) }()
+
+	var group *source.Membership
+	if p.cfg.GroupProtocol != "none" {
+		var err error
+		group, err = source.JoinGroup(source.GroupConfig{
+			Brokers: p.cfg.Brokers, Group: p.job.Name(), Topics: p.job.Inputs(),
+			ServerSide: p.cfg.GroupProtocol == "consumer", SessionTimeout: p.cfg.SessionTimeout,
+			RebalanceTimeout: p.cfg.RebalanceTimeout, Logger: p.log,
+			OnAssigned: p.Instance.Assign,
+			OnRevoked: func(ctx context.Context, tasks []int32) {
+				// Past the rebalance timeout the group moves the tasks
+				// anyway; the next owner then recovers them.
+				ctx, cancel := context.WithTimeout(ctx, p.cfg.RebalanceTimeout*9/10)
+				defer cancel()
+				p.Instance.Revoke(ctx, tasks)
+			},
+			OnLost: p.Instance.Lose,
+		})
+		if err != nil {
+			stopInstance()
+			<-instDone
+			return err
+		}
+		p.input.UseGroup(group)
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-instDone:
+		instDone <- err
+	}
+	if group != nil {
+		group.Close() // revokes every task gracefully, then leaves
+	}
+	stopInstance()
+	return <-instDone
 }
 
 // Close releases clients and caches.

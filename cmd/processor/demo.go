@@ -35,6 +35,7 @@ type demoConfig struct {
 	users      int
 	partitions int
 	interval   time.Duration
+	admin      string
 }
 
 // demo runs a whole Sluice on one machine with nothing to install: an
@@ -50,6 +51,7 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&dc.users, "users", 1000, "distinct user ids (record keys)")
 	fs.IntVar(&dc.partitions, "partitions", 8, "partitions of the input and output topics")
 	fs.DurationVar(&dc.interval, "interval", time.Second, "checkpoint interval")
+	fs.StringVar(&dc.admin, "admin-addr", "127.0.0.1:8080", "address of the admin endpoints (/metrics, /checkpoints, /healthz, /readyz); empty disables")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -109,6 +111,7 @@ func runDemo(ctx context.Context, dc demoConfig, out io.Writer) error {
 	c.CheckpointDir = filepath.Join(dc.dataDir, "checkpoints")
 	c.WorkDir = filepath.Join(dc.dataDir, "work")
 	c.Settings.Interval = dc.interval
+	c.AdminAddr = dc.admin
 	job := example.CountJob(demoJob, demoInput, demoOutput)
 	resumed, err := describeResume(ctx, c.CheckpointDir, dc.partitions)
 	if err != nil {
@@ -135,6 +138,9 @@ func runDemo(ctx context.Context, dc demoConfig, out io.Writer) error {
 	wg.Go(func() { trimTopics(bgCtx, adm, p.Storage, dc.partitions, progressTopic) })
 	wg.Go(func() { progress(bgCtx, out, p.Instance, &generated, &visible) })
 
+	if a := p.AdminAddr(); a != "" {
+		say("Metrics: http://%s/metrics   checkpoint history: http://%s/checkpoints", a, a)
+	}
 	say("Running the count job over %d tasks; Ctrl-C stops it (final checkpoint), run again to resume.", dc.partitions)
 	err = p.Run(ctx)
 	stopBg()
