@@ -63,6 +63,9 @@ func newSink(t *testing.T, c *kfake.Cluster, mod func(*KafkaConfig)) *Kafka {
 		Logger:     testLogger(),
 		ClientOpts: []kgo.Opt{kgo.DisableClientMetrics()},
 	}
+	if os.Getenv("SINK_TEST_KGOLOG") != "" {
+		cfg.ClientOpts = append(cfg.ClientOpts, kgo.WithLogger(kgo.BasicLogger(os.Stderr, kgo.LogLevelInfo, func() string { return time.Now().Format("15:04:05.000000 KGO ") })))
+	}
 	if mod != nil {
 		mod(&cfg)
 	}

@@ -2,6 +2,7 @@ package sink
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 
@@ -51,7 +52,8 @@ type batch struct {
 	mu     sync.Mutex
 	n      int64
 	sealed bool
-	done   chan struct{}
+	done   chan struct{} // closed when sealed and every promise ran
+	failed chan struct{} // closed at the first error
 	err    error
 	stats  *counters
 	// promise is allocated once per batch, not once per record.
@@ -59,9 +61,35 @@ type batch struct {
 }
 
 func newBatch(stats *counters) *batch {
-	b := &batch{done: make(chan struct{}), stats: stats}
+	b := &batch{done: make(chan struct{}), failed: make(chan struct{}), stats: stats}
 	b.promise = func(_ *kgo.Record, err error) { b.finish(err) }
 	return b
+}
+
+// newTxnBatch is a batch of one transaction, which began as producer id/
+// epoch: a record acknowledged under another id or epoch fails the batch.
+// kgo re-initialises a transactional producer by itself after some produce
+// errors (KIP-360); that aborts what the transaction wrote so far, and the
+// records that follow would be committed without them.
+func newTxnBatch(stats *counters, id int64, epoch int16) *batch {
+	b := &batch{done: make(chan struct{}), failed: make(chan struct{}), stats: stats}
+	b.promise = func(r *kgo.Record, err error) {
+		if err == nil {
+			err = checkEpoch(r, id, epoch)
+		}
+		b.finish(err)
+	}
+	return b
+}
+
+// checkEpoch fails a record acknowledged by another producer id or epoch
+// than its transaction's.
+func checkEpoch(r *kgo.Record, id int64, epoch int16) error {
+	if r.ProducerID == id && r.ProducerEpoch == epoch {
+		return nil
+	}
+	return fmt.Errorf("record acknowledged as producer %d epoch %d, but its transaction began as %d/%d: the producer was re-initialised mid-transaction",
+		r.ProducerID, r.ProducerEpoch, id, epoch)
 }
 
 // add counts one record about to be produced.
@@ -77,9 +105,7 @@ func (b *batch) finish(err error) {
 	defer b.mu.Unlock()
 	if err != nil {
 		b.stats.errors.Add(1)
-		if b.err == nil {
-			b.err = err
-		}
+		b.setErr(err)
 	}
 	b.n--
 	if b.sealed && b.n == 0 {
@@ -90,10 +116,26 @@ func (b *batch) finish(err error) {
 // fail records an error that did not come from a promise.
 func (b *batch) fail(err error) {
 	b.mu.Lock()
+	b.setErr(err)
+	b.mu.Unlock()
+}
+
+// setErr keeps the first error; b.mu is held.
+func (b *batch) setErr(err error) {
 	if b.err == nil {
 		b.err = err
+		close(b.failed)
 	}
-	b.mu.Unlock()
+}
+
+// isDone reports whether the batch is sealed and every promise ran.
+func (b *batch) isDone() bool {
+	select {
+	case <-b.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // seal says no record will be added any more.

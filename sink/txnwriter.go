@@ -59,9 +59,14 @@ type txn struct {
 	markerPromise func(*kgo.Record, error)
 }
 
-func newTxn(s *slot, client *kgo.Client, stats *counters) *txn {
-	t := &txn{slot: s, client: client, b: newBatch(stats), markerOffset: -1, checkpoint: -1}
+// newTxn starts tracking the transaction that s's client began as producer
+// id/epoch.
+func newTxn(s *slot, client *kgo.Client, stats *counters, id int64, epoch int16) *txn {
+	t := &txn{slot: s, client: client, b: newTxnBatch(stats, id, epoch), markerOffset: -1, checkpoint: -1}
 	t.markerPromise = func(r *kgo.Record, err error) {
+		if err == nil {
+			err = checkEpoch(r, id, epoch)
+		}
 		t.mu.Lock()
 		if err == nil {
 			// The producer id and epoch the broker acknowledged the
@@ -182,8 +187,13 @@ func newTxnWriter(ctx context.Context, k *Kafka, task int32) (*txnWriter, error)
 		w.Close()
 		return nil, fmt.Errorf("begin transaction on %s: %w", first.id, err)
 	}
+	pid, epoch, err := first.client.ProducerID(ctx)
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("producer id of %s: %w", first.id, err)
+	}
 	first.state = slotOpen
-	w.cur = newTxn(first, first.client, &w.stats)
+	w.cur = newTxn(first, first.client, &w.stats, pid, epoch)
 	first.txn = w.cur
 	w.log.Info("exactly-once writer ready", "pool", n, "progress_partition", w.part)
 	return w, nil
@@ -246,8 +256,17 @@ func (w *txnWriter) PreCommit(ctx context.Context, checkpointID int64) (PreCommi
 	w.mu.Unlock()
 
 	// BeginTransaction is local to the client (the broker learns of the
-	// transaction with its first record).
-	if err := nextClient.BeginTransaction(); err != nil {
+	// transaction with its first record), and so is reading the producer
+	// id the previous EndTxn answered.
+	err = nextClient.BeginTransaction()
+	var (
+		pid   int64
+		epoch int16
+	)
+	if err == nil {
+		pid, epoch, err = nextClient.ProducerID(ctx)
+	}
+	if err != nil {
 		err = fmt.Errorf("pre-commit checkpoint %d of task %d: begin transaction on %s: %w", checkpointID, w.task, next.id, err)
 		w.mu.Lock()
 		next.state = slotBroken
@@ -267,7 +286,7 @@ func (w *txnWriter) PreCommit(ctx context.Context, checkpointID int64) (PreCommi
 	t.b.seal()
 	w.lastCheckpoint = checkpointID
 
-	nt := newTxn(next, nextClient, &w.stats)
+	nt := newTxn(next, nextClient, &w.stats, pid, epoch)
 	w.mu.Lock()
 	t.slot.state = slotPending
 	w.pending[checkpointID] = t
@@ -275,6 +294,36 @@ func (w *txnWriter) PreCommit(ctx context.Context, checkpointID int64) (PreCommi
 	w.mu.Unlock()
 	w.cur = nt
 	return &txnPreCommitted{w: w, t: t}, nil
+}
+
+// flush waits until every record of the sealed transaction is acknowledged
+// and returns the first produce error. It gives up at the first failed
+// record: the transaction can never be committed, and a fenced producer can
+// keep records buffered for a long time.
+func (t *txn) flush(ctx context.Context) error {
+	if !t.b.isDone() {
+		fctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		flushed := make(chan error, 1)
+		go func() { flushed <- t.client.Flush(fctx) }()
+		select {
+		case err := <-flushed:
+			if err != nil {
+				return err
+			}
+		case <-t.b.failed:
+			return t.b.firstErr()
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	select {
+	case <-t.b.done:
+	case <-t.b.failed:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return t.b.firstErr()
 }
 
 // txnPreCommitted is a sealed transaction whose records may be in flight.
@@ -293,10 +342,7 @@ func (p *txnPreCommitted) Wait(ctx context.Context) (*Committable, error) {
 		}
 		return fmt.Errorf("flush transaction of checkpoint %d of task %d on %s: %w", t.checkpoint, w.task, t.slot.id, err)
 	}
-	if err := t.client.Flush(ctx); err != nil {
-		return nil, wrap(err)
-	}
-	if err := t.b.wait(ctx); err != nil {
+	if err := t.flush(ctx); err != nil {
 		return nil, wrap(err)
 	}
 	t.mu.Lock()
@@ -390,11 +436,7 @@ func (w *txnWriter) commitOne(ctx context.Context, c Committable) error {
 		w.mu.Unlock()
 	}
 	// Normally done by Wait already; kgo requires it before EndTransaction.
-	if err := t.client.Flush(ctx); err != nil {
-		restore()
-		return err
-	}
-	if err := t.b.wait(ctx); err != nil {
+	if err := t.flush(ctx); err != nil {
 		restore()
 		if ctx.Err() != nil {
 			return err
@@ -423,6 +465,15 @@ func (w *txnWriter) commitOne(ctx context.Context, c Committable) error {
 		w.stats.committed.Add(1)
 		return nil
 	}
+	// After an unconfirmed end kgo re-initialises the producer id on its
+	// next use, and InitProducerID aborts the transaction we may still be
+	// able to commit: retire the client at once (it is replaced once the
+	// outcome is known).
+	w.mu.Lock()
+	retired := t.slot.client
+	t.slot.client = nil
+	w.mu.Unlock()
+	retired.Close()
 	w.log.Warn("commit answer ambiguous; reading the progress marker", "checkpoint", c.CheckpointID,
 		"transactional_id", c.TransactionalID, "err", endErr)
 	return w.resolveOwned(ctx, t, c, endErr)
@@ -450,9 +501,9 @@ func (w *txnWriter) resolveOwned(ctx context.Context, t *txn, c Committable, end
 	if out == Lost {
 		var err error
 		if fenced {
-			err = fmt.Errorf("transaction %s (producer %d, epoch %d): %w (%w)", c.TransactionalID, c.ProducerID, c.Epoch, ErrTransactionLost, ErrFenced)
+			err = fmt.Errorf("transaction %s (producer %d, epoch %d), commit answered %v: %w (%w)", c.TransactionalID, c.ProducerID, c.Epoch, endErr, ErrTransactionLost, ErrFenced)
 		} else {
-			err = fmt.Errorf("transaction %s (producer %d, epoch %d): %w", c.TransactionalID, c.ProducerID, c.Epoch, ErrTransactionLost)
+			err = fmt.Errorf("transaction %s (producer %d, epoch %d), commit answered %v: %w", c.TransactionalID, c.ProducerID, c.Epoch, endErr, ErrTransactionLost)
 		}
 		w.fail(err)
 		return err
@@ -512,7 +563,9 @@ func (w *txnWriter) rebuildSlot(ctx context.Context, s *slot) error {
 	s.state = slotIdle
 	s.txn = nil
 	w.mu.Unlock()
-	old.Close()
+	if old != nil {
+		old.Close()
+	}
 	return nil
 }
 
@@ -537,7 +590,7 @@ func (w *txnWriter) Close() {
 	w.closed = true
 	var clients []*kgo.Client
 	for _, s := range w.slots {
-		if s != nil {
+		if s != nil && s.client != nil {
 			clients = append(clients, s.client)
 		}
 	}
