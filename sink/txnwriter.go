@@ -49,6 +49,15 @@ type txn struct {
 	// PreCommitted is handed out.
 	checkpoint int64
 
+	// prev is the previous transaction's batch, still being acknowledged
+	// when this one began. Its producer is another client, so this
+	// transaction's records are held back (in the task goroutine, in
+	// order) until every record of prev is acknowledged: otherwise they
+	// could land in a partition before prev's, and a key's outputs would
+	// be out of order. Nil once released.
+	prev *batch
+	held []*kgo.Record
+
 	// Set by the marker's promise.
 	mu           sync.Mutex
 	markerOffset int64
@@ -213,8 +222,41 @@ func (w *txnWriter) Write(r *kgo.Record) {
 		return
 	}
 	w.stats.records.Add(1)
+	if t.prev != nil && !t.release(w.ctx, nil) {
+		t.held = append(t.held, r)
+		return
+	}
 	t.b.add()
 	t.client.Produce(w.ctx, r, t.b.promise)
+}
+
+// release produces (with produceCtx) the held records once the previous
+// transaction's records are all acknowledged (or failed: then this task
+// restarts anyway). A non-nil wait blocks until then or until wait ends; it
+// reports whether the transaction's records may now be produced directly.
+func (t *txn) release(produceCtx, wait context.Context) bool {
+	if wait != nil {
+		select {
+		case <-t.prev.done:
+		case <-t.prev.failed:
+		case <-wait.Done():
+			return false
+		}
+	} else {
+		select {
+		case <-t.prev.done:
+		case <-t.prev.failed:
+		default:
+			return false
+		}
+	}
+	t.prev = nil
+	for _, r := range t.held {
+		t.b.add()
+		t.client.Produce(produceCtx, r, t.b.promise)
+	}
+	t.held = nil
+	return true
 }
 
 // PreCommit seals the open transaction for checkpointID: it produces the
@@ -235,6 +277,9 @@ func (w *txnWriter) PreCommit(ctx context.Context, checkpointID int64) (PreCommi
 		return nil, fmt.Errorf("pre-commit checkpoint %d of task %d: checkpoint ids must increase (last %d)", checkpointID, w.task, w.lastCheckpoint)
 	}
 	t := w.cur
+	if t.prev != nil && !t.release(w.ctx, ctx) {
+		return nil, fmt.Errorf("pre-commit checkpoint %d of task %d: previous transaction not acknowledged: %w", checkpointID, w.task, ctx.Err())
+	}
 	n := len(w.slots)
 	value, err := json.Marshal(progressMarker{Task: w.task, Checkpoint: checkpointID, TransactionalID: t.slot.id})
 	if err != nil {
@@ -287,6 +332,7 @@ func (w *txnWriter) PreCommit(ctx context.Context, checkpointID int64) (PreCommi
 	w.lastCheckpoint = checkpointID
 
 	nt := newTxn(next, nextClient, &w.stats, pid, epoch)
+	nt.prev = t.b
 	w.mu.Lock()
 	t.slot.state = slotPending
 	w.pending[checkpointID] = t

@@ -9,28 +9,35 @@
 //
 //	broker [--listen host:port] [--advertise host:port] [--data-dir dir] [--sync]
 //	       [--broker-config key=value ...] [--partitions n] [--log-level level]
+//	       [--repair-crash-aborts=true|false]
 //
 // Once it accepts connections it writes one line to stdout:
 //
 //	listening on <bound host:port> advertised <host:port>
 //
-// (tests wait for that line; with --listen host:0 it tells the port the
-// kernel chose). SIGTERM or SIGINT closes the broker cleanly, persisting its
-// state to --data-dir; a second signal forces the exit. SIGKILL is the crash
-// case: on the next start from the same --data-dir, kfake aborts every
-// transaction that was open (a real Kafka broker would keep it open until its
-// transaction timeout).
+// Tests wait for that line; with --listen host:0 it tells the port the
+// kernel chose. Diagnostics go to stderr.
+//
+// SIGTERM or SIGINT closes the broker cleanly, persisting its state to
+// --data-dir (open transactions stay open); a second signal forces the exit.
+// SIGKILL is the crash case: on the next start from the same --data-dir,
+// kfake aborts every transaction that was open (a real Kafka broker would
+// keep it open until its transaction timeout). kfake does that without
+// writing the ABORT control records a real broker writes, which hides later
+// committed records of the same producers from read_committed readers; the
+// broker writes the missing records before it lets clients in (see
+// repair.go; --repair-crash-aborts=false shows kfake's raw behaviour).
 //
 // Advertising: kfake tells clients (metadata, FindCoordinator) the address of
-// its listener. The listener is wrapped so that the address it reports is
-// --advertise, which is what clients connect to after their first request:
-// in a container, listen on 0.0.0.0:9092 and advertise the name the clients
-// reach the container by. Without --advertise, the broker advertises the
-// bound address, with an unspecified host (0.0.0.0, ::) replaced by
-// 127.0.0.1.
+// its listener, which is what they connect to after their first request.
+// The listener given to kfake reports --advertise as its address: in a
+// container, listen on 0.0.0.0:9092 and advertise the name the clients reach
+// the container by. Without --advertise, the broker advertises the bound
+// address, with an unspecified host (0.0.0.0, ::) replaced by 127.0.0.1.
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -41,8 +48,10 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 func main() {
@@ -60,6 +69,9 @@ type config struct {
 	brokerConfigs map[string]string
 	partitions    int
 	logLevel      kfake.LogLevel
+	// repairCrashAborts writes the ABORT records kfake omits when it
+	// aborts transactions on load after a crash (see repair.go).
+	repairCrashAborts bool
 }
 
 // parseFlags parses args; errors are reported on stderr by the flag set.
@@ -79,6 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 		c.brokerConfigs[strings.TrimSpace(k)] = v
 		return nil
 	})
+	fs.BoolVar(&c.repairCrashAborts, "repair-crash-aborts", true, "after a crash, write the ABORT records kfake omits for the transactions it aborts on load (false: kfake's raw behaviour)")
 	fs.IntVar(&c.partitions, "partitions", 10, "partitions of a topic created with the default count (-1) or auto-created")
 	fs.Func("log-level", "broker log level on stderr: none, error, warn, info or debug (default none)", func(s string) error {
 		l, err := parseLogLevel(s)
@@ -156,7 +169,7 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal) int {
 		fmt.Fprintf(stderr, "broker: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "listening on %s advertised %s\n", ln.Listener.Addr(), ln.Addr())
+	fmt.Fprintf(stdout, "listening on %s advertised %s\n", ln.Bound(), ln.Addr())
 
 	sig := <-sigs
 	fmt.Fprintf(stderr, "broker: %v: shutting down (signal again to force)\n", sig)
@@ -175,26 +188,28 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal) int {
 	}
 }
 
-// start binds the listener and starts kfake on it.
-func start(c *config, stderr io.Writer) (*kfake.Cluster, *advertisedListener, error) {
-	inner, err := net.Listen("tcp", c.listen)
+// start binds the listener, starts kfake on it, repairs what a crash left
+// (see repairCrashAborts) and then lets clients in.
+func start(c *config, stderr io.Writer) (*kfake.Cluster, *listener, error) {
+	tcp, err := net.Listen("tcp", c.listen)
 	if err != nil {
 		return nil, nil, fmt.Errorf("listen on %s: %w", c.listen, err)
 	}
-	ln, err := advertise(inner, c.advertise)
+	adv, err := advertised(tcp.Addr(), c.advertise)
 	if err != nil {
-		inner.Close()
+		tcp.Close()
 		return nil, nil, err
 	}
-	// kfake asks ListenFn for 127.0.0.1:<port>; it gets the listener bound
-	// above whatever it asks, once.
+	ln := newListener(tcp, adv)
+	// kfake asks ListenFn for 127.0.0.1:<port>; it gets ln whatever it
+	// asks, once (one broker).
 	used := false
 	opts := []kfake.Opt{
 		kfake.NumBrokers(1),
 		kfake.DefaultNumPartitions(c.partitions),
 		kfake.ListenFn(func(string, string) (net.Listener, error) {
 			if used {
-				return nil, errors.New("broker: kfake asked for a second listener")
+				return nil, errors.New("kfake asked for a second listener")
 			}
 			used = true
 			return ln, nil
@@ -212,56 +227,37 @@ func start(c *config, stderr io.Writer) (*kfake.Cluster, *advertisedListener, er
 	}
 	cluster, err := kfake.NewCluster(opts...)
 	if err != nil {
-		if !used {
-			inner.Close()
-		}
+		ln.Close()
 		return nil, nil, fmt.Errorf("start kfake: %w", err)
 	}
+	if c.dataDir != "" && c.repairCrashAborts {
+		if err := repair(cluster, ln, stderr); err != nil {
+			cluster.Close()
+			return nil, nil, err
+		}
+	}
+	ln.open()
 	return cluster, ln, nil
 }
 
-// advertisedListener is a listener whose Addr is the address advertised to
-// clients: kfake puts its listener's Addr into metadata answers.
-type advertisedListener struct {
-	net.Listener
-	addr hostPortAddr
-}
-
-// Addr returns the advertised address.
-func (l *advertisedListener) Addr() net.Addr { return l.addr }
-
-// hostPortAddr is a net.Addr that is just a host:port string.
-type hostPortAddr string
-
-// Network implements net.Addr.
-func (hostPortAddr) Network() string { return "tcp" }
-
-// String implements net.Addr.
-func (a hostPortAddr) String() string { return string(a) }
-
-// advertise wraps ln so that it reports adv (or, if adv is empty, the bound
-// address with an unspecified host replaced by 127.0.0.1). A zero port in
-// adv means the bound port.
-func advertise(ln net.Listener, adv string) (*advertisedListener, error) {
-	bound, ok := ln.Addr().(*net.TCPAddr)
-	if !ok {
-		return nil, fmt.Errorf("listener address %v is not TCP", ln.Addr())
+// repair runs repairCrashAborts through an in-process client, before any
+// TCP client is let in.
+func repair(cluster *kfake.Cluster, ln *listener, stderr io.Writer) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(ln.Addr().String()), kgo.Dialer(ln.dial))
+	if err != nil {
+		return err
 	}
-	host, port := "", 0
-	if adv != "" {
-		var err error
-		if host, port, err = splitHostPort(adv); err != nil {
-			return nil, fmt.Errorf("--advertise: %w", err)
-		}
+	defer cl.Close()
+	n, err := repairCrashAborts(ctx, cl, func(format string, args ...any) {
+		fmt.Fprintf(stderr, "broker: "+format+"\n", args...)
+	})
+	if err != nil {
+		return fmt.Errorf("repair of transactions aborted by a crash (--repair-crash-aborts=false skips it): %w", err)
 	}
-	if host == "" {
-		host = bound.IP.String()
-		if bound.IP == nil || bound.IP.IsUnspecified() {
-			host = "127.0.0.1"
-		}
+	if n > 0 {
+		fmt.Fprintf(stderr, "broker: wrote %d ABORT records that kfake omitted for transactions it aborted after a crash\n", n)
 	}
-	if port == 0 {
-		port = bound.Port
-	}
-	return &advertisedListener{Listener: ln, addr: hostPortAddr(net.JoinHostPort(host, strconv.Itoa(port)))}, nil
+	return nil
 }
