@@ -188,7 +188,15 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 		CreatedAt: time.Now().UTC(), Offsets: job.offsets, Files: refs,
 		Pending: append([]PendingTxn(nil), cp.pending...), CommittedOffsets: cp.committed,
 	}
-	if err := t.createMetadata(ctx, meta); err != nil {
+	// The create itself must finish before the oldest pending transaction
+	// could time out, or the checkpoint would complete with it aborted.
+	createCtx, cancelCreate := ctx, context.CancelFunc(func() {})
+	if tt := t.cfg.Settings.TransactionTimeout; tt > 0 && len(cp.opened) > 0 {
+		createCtx, cancelCreate = context.WithDeadline(ctx, cp.opened[0].Add(tt-t.cfg.Settings.guardMargin()))
+	}
+	err = t.createMetadata(createCtx, meta)
+	cancelCreate()
+	if err != nil {
 		if errors.Is(err, ErrTakenOver) {
 			return err
 		}
