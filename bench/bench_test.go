@@ -336,7 +336,6 @@ func copySluice(b *testing.B, addr string, n int, interval time.Duration, r *run
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
 
-	stats := p.Instance.Stats()
 	checked := map[int32]int64{}
 	finished := map[int32]bool{}
 	var first, last time.Time
@@ -348,6 +347,8 @@ func copySluice(b *testing.B, addr string, n int, interval time.Duration, r *run
 			b.Fatalf("sluice job stopped early: %v", err)
 		case <-tick.C:
 		}
+		// Tasks appear as the consumer group assigns them.
+		stats := p.Instance.Stats()
 		var in int64
 		for _, s := range stats {
 			in += s.RecordsIn.Load()

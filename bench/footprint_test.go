@@ -73,9 +73,10 @@ func footprint(b *testing.B, tasks int32) {
 	// three checkpoints completed after the one the task restored.
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
-		ready := true
+		stats := p.Instance.Stats() // tasks appear as the group assigns them
+		ready := len(stats) == int(tasks)
 		var in int64
-		for _, s := range p.Instance.Stats() {
+		for _, s := range stats {
 			in += s.RecordsIn.Load()
 			if r := s.Restored.Load(); r == 0 || s.LastCheckpointID.Load() < r+3 {
 				ready = false

@@ -202,6 +202,14 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 		}
 		return cp.failed(job, err)
 	}
+	if err := cp.checkNotTakenOver(ctx, job.id); err != nil {
+		if errors.Is(err, ErrTakenOver) {
+			return err
+		}
+		// Complete, but not known to be ours: commit nothing now; the
+		// transactions stay pending for the next checkpoint (or owner).
+		return cp.failed(job, err)
+	}
 	if err := t.step(StepMetadataCreated, job.id); err != nil {
 		return err
 	}
@@ -247,6 +255,36 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 		}
 	}
 	cp.retain(ctx, meta)
+	return nil
+}
+
+// checkNotTakenOver runs after this owner created the metadata of
+// checkpoint id. Create-if-absent only proves the slot was free: a new owner
+// claims the slot after the newest complete checkpoint, which is below id
+// when this owner's checkpoints in between failed, and the new owner's
+// retention frees its claimed slot again after a few checkpoints. Either
+// way the new owner's checkpoints newer than this owner's previous complete
+// one are in storage now (retention always keeps the newest), and this
+// owner wrote none of them (its failed checkpoints left no metadata): any
+// such checkpoint other than id means the task was taken over. Then this
+// owner withdraws its metadata (the new owner would otherwise find the slot
+// taken when it gets there) and stops before committing anything.
+func (cp *checkpointer) checkNotTakenOver(ctx context.Context, id int64) error {
+	t := cp.t
+	prev := cp.retained[0].ID // this owner's newest complete checkpoint
+	ids, err := ListCheckpointIDs(ctx, t.cfg.Storage, t.job, t.cfg.Task)
+	if err != nil {
+		return fmt.Errorf("checkpoint %d of task %d: check ownership: %w", id, t.cfg.Task, err)
+	}
+	for _, other := range ids {
+		if other > prev && other != id {
+			if err := t.cfg.Storage.Delete(ctx, MetadataName(t.job, t.cfg.Task, id)); err != nil {
+				t.log.Warn("could not withdraw the metadata of a checkpoint completed after a takeover; the new owner's retention deletes it", "checkpoint", id, "err", err)
+			}
+			return fmt.Errorf("checkpoint %d of task %d: checkpoint %d exists, written by another owner since this one's checkpoint %d: %w",
+				id, t.cfg.Task, other, prev, ErrTakenOver)
+		}
+	}
 	return nil
 }
 

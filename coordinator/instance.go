@@ -56,9 +56,12 @@ type Instance struct {
 	ctx     context.Context // the running instance's context; nil before Run
 	fail    context.CancelCauseFunc
 	running map[int32]*runningTask
-	stats   map[int32]*TaskStats // kept across incarnations and assignments
-	wg      sync.WaitGroup
-	started chan struct{}
+	// assigned: Assign was called at least once (the group's first
+	// assignment arrived, or the fixed tasks were started).
+	assigned bool
+	stats    map[int32]*TaskStats // kept across incarnations and assignments
+	wg       sync.WaitGroup
+	started  chan struct{}
 }
 
 // runningTask is an assigned task and its supervisor.
@@ -95,11 +98,15 @@ func (in *Instance) Tasks() []int32 {
 	return slices.Sorted(maps.Keys(in.running))
 }
 
-// Ready reports whether every assigned task is restored and processing.
+// Ready reports whether the instance has its tasks (the group's first
+// assignment arrived, or its fixed tasks were started) and every one of them
+// is restored and processing. Before the first assignment it is not ready:
+// a rolling restart gated on readiness must not move on while this
+// instance has not yet taken its share.
 func (in *Instance) Ready() bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if in.ctx == nil {
+	if in.ctx == nil || !in.assigned {
 		return false
 	}
 	for task := range in.running {
@@ -160,12 +167,14 @@ func (in *Instance) trigger(ctx context.Context) {
 	}
 }
 
-// Assign starts the given tasks (those not running yet). It waits for Run to
-// have started.
+// Assign starts the given tasks (those not running yet); it may be called
+// with none (the group assigned nothing new). It waits for Run to have
+// started.
 func (in *Instance) Assign(tasks []int32) {
 	<-in.started
 	in.mu.Lock()
 	defer in.mu.Unlock()
+	in.assigned = true
 	for _, task := range tasks {
 		if in.running[task] != nil {
 			continue
@@ -257,10 +266,12 @@ func (in *Instance) supervise(ctx context.Context, task int32, trigger chan stru
 		if time.Since(started) > time.Minute || errors.Is(err, ErrCrash) {
 			backoff = minBackoff
 		}
-		if errors.Is(err, ErrTakenOver) {
-			// Another owner claimed the task. Take it back only if it is
-			// still ours after a while (the group decides), so two owners
-			// do not keep fencing each other.
+		if errors.Is(err, ErrTakenOver) || (errors.Is(err, sink.ErrFenced) && !errors.Is(err, sink.ErrTransactionLost)) {
+			// Another owner claimed the task, or fenced its producers
+			// (which it does only after claiming it). Take it back only if
+			// it is still ours after a while (the group decides), so two
+			// owners do not keep fencing each other. (A transaction found
+			// lost restarts at once: its input must be replayed.)
 			backoff = maxBackoff
 		}
 		level := slog.LevelError

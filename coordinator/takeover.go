@@ -118,7 +118,20 @@ func (t *Task) claim(ctx context.Context) (*Checkpoint, []*Checkpoint, error) {
 		c.CreatedAt = time.Now().UTC()
 		err = t.createMetadata(ctx, &c)
 		if err == nil {
-			return &c, known, nil
+			// An earlier owner whose checkpoints failed has an id counter
+			// beyond this claim and may have completed a newer checkpoint
+			// since the listing. It checks for newer checkpoints after its
+			// create too (checkNotTakenOver), so at least one of the two
+			// sees the other: here, the claim is stale; start over from the
+			// newest checkpoint.
+			newer, lerr := ListCheckpointIDs(ctx, t.cfg.Storage, t.job, t.cfg.Task)
+			if lerr != nil {
+				return nil, nil, fmt.Errorf("claim of task %d: %w", t.cfg.Task, lerr)
+			}
+			if len(newer) == 0 || newer[0] <= c.ID {
+				return &c, known, nil
+			}
+			err = fmt.Errorf("checkpoint %d completed by another owner after this claim of %d: %w", newer[0], c.ID, ErrTakenOver)
 		}
 		if !errors.Is(err, ErrTakenOver) || attempt == maxClaimAttempts {
 			return nil, nil, fmt.Errorf("claim of task %d: %w", t.cfg.Task, err)

@@ -155,7 +155,9 @@ func (t *Task) Run(ctx context.Context) (err error) {
 
 	t.st.Running.Store(true)
 	defer t.st.Running.Store(false)
-	err = t.loop(ctx)
+	bctx, stopBarriers := barrierContext(ctx, t.cfg.Settings.StopTimeout)
+	defer stopBarriers()
+	err = t.loop(ctx, bctx)
 	if err == nil {
 		if cause := context.Cause(ctx); errors.Is(cause, ErrLost) {
 			return cause // another owner may run it: no final checkpoint
@@ -165,9 +167,30 @@ func (t *Task) Run(ctx context.Context) (err error) {
 	return err
 }
 
-// loop processes records and takes barriers until ctx is done (nil) or an
-// error stops the task.
-func (t *Task) loop(ctx context.Context) error {
+// barrierContext returns the context of the barriers the record loop takes:
+// ctx, except that a graceful stop (ctx cancelled with cause
+// context.Canceled: the task was revoked) gives a barrier in progress up to
+// grace to finish, as the final checkpoint gets. Interrupted, the barrier
+// would fail after sealing the state's write buffer (so the task must crash
+// rather than go on), and the task would stop without its final checkpoint:
+// the next owner would replay everything since the previous one. A lost
+// task (any other cause, such as ErrLost) stops at once.
+func barrierContext(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	bctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		cause := context.Cause(ctx)
+		if !errors.Is(cause, context.Canceled) {
+			cancel(cause)
+			return
+		}
+		time.AfterFunc(grace, func() { cancel(cause) }) // a no-op once the task is done
+	})
+	return bctx, func() { stop(); cancel(nil) }
+}
+
+// loop processes records and takes barriers (with bctx, see barrierContext)
+// until ctx is done (nil) or an error stops the task.
+func (t *Task) loop(ctx, bctx context.Context) error {
 	batches := t.feed.Batches()
 	for {
 		select {
@@ -176,7 +199,7 @@ func (t *Task) loop(ctx context.Context) error {
 		case err := <-t.cp.fatal:
 			return err
 		case <-t.cfg.Trigger:
-			if err := t.maybeBarrier(ctx); err != nil {
+			if err := t.maybeBarrier(bctx); err != nil {
 				return err
 			}
 		case b := <-batches:

@@ -30,7 +30,9 @@ type GroupConfig struct {
 	ClientOpts                       []kgo.Opt
 	Logger                           *slog.Logger
 
-	// OnAssigned starts tasks newly assigned to this instance.
+	// OnAssigned starts tasks newly assigned to this instance. It is called
+	// after every assignment the group hands out, with no task if none is
+	// new (the first call tells the instance it has joined).
 	OnAssigned func(tasks []int32)
 	// OnRevoked stops tasks gracefully before the group moves them; ctx
 	// ends at the rebalance timeout.
@@ -78,7 +80,11 @@ func JoinGroup(cfg GroupConfig) (*Membership, error) {
 		opts = append(opts, kgo.Balancers(TaskBalancer()))
 	}
 	if cfg.SessionTimeout > 0 {
-		opts = append(opts, kgo.SessionTimeout(cfg.SessionTimeout))
+		// Heartbeat at most a third of the session apart (Kafka's advice):
+		// kgo's fixed 3 s default refuses sessions under 3 s and leaves a
+		// 6 s session (a broker's usual minimum) two heartbeats of slack.
+		opts = append(opts, kgo.SessionTimeout(cfg.SessionTimeout),
+			kgo.HeartbeatInterval(min(3*time.Second, cfg.SessionTimeout/3)))
 	}
 	if cfg.RebalanceTimeout > 0 {
 		opts = append(opts, kgo.RebalanceTimeout(cfg.RebalanceTimeout))
@@ -116,8 +122,9 @@ func (m *Membership) assigned(ps map[string][]int32) {
 	slices.Sort(start)
 	if len(start) > 0 {
 		m.log.Info("rebalance: tasks assigned", "tasks", start)
-		m.cfg.OnAssigned(start)
 	}
+	// Also when nothing starts: the instance knows the group has answered.
+	m.cfg.OnAssigned(start)
 }
 
 func (m *Membership) whole(p int32) bool {

@@ -262,7 +262,22 @@ func (s *Source) Assign(ctx context.Context, task int32, offsets map[string]int6
 	}
 	c := make(chan Batch, 8)
 	in := &Inbox{C: c, c: c, task: task, done: make(chan struct{})}
+	// A caller that gives up (ctx done, e.g. its task was revoked during
+	// its takeover) before the dispatcher got to the assignment withdraws
+	// it: run later, it would register an inbox that nobody reads or
+	// releases, and the dispatcher would block on it for good, and with it
+	// every task of the instance.
+	var (
+		mu                 sync.Mutex
+		applied, withdrawn bool
+	)
 	err := s.control(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if withdrawn {
+			return
+		}
+		applied = true
 		if old := s.inboxes[task]; old != nil {
 			old.close()
 			s.cl.RemoveConsumePartitions(s.topicPartitions(task))
@@ -271,7 +286,14 @@ func (s *Source) Assign(ctx context.Context, task int32, offsets map[string]int6
 		s.cl.AddConsumePartitions(add)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("assign task %d: %w", task, err)
+		mu.Lock()
+		defer mu.Unlock()
+		if !applied {
+			withdrawn = true
+			return nil, fmt.Errorf("assign task %d: %w", task, err)
+		}
+		// It took effect after all: the caller owns the inbox (and must
+		// release it).
 	}
 	return in, nil
 }
