@@ -280,25 +280,6 @@ func TestRetentionKeepsNoOrphans(t *testing.T) {
 
 var _ sink.Sink = (*fakeSink)(nil)
 
-// syncBuffer is a log sink safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf []byte
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.buf = append(b.buf, p...)
-	return len(p), nil
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return string(b.buf)
-}
-
 // TestCorruptNewestCheckpointFallsBack corrupts the newest checkpoint of a
 // task: the next takeover skips it with a loud log line and restores the
 // previous retained one, whose state then continues.
@@ -348,7 +329,7 @@ func TestCorruptNewestCheckpointFallsBack(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var logs syncBuffer
+	var logs kafkatest.LogBuffer
 	var restored atomic.Pointer[Checkpoint]
 	// Right after the takeover, before any new checkpoint: what was restored?
 	hook := func(task int32, s Step, id int64) error {

@@ -16,7 +16,6 @@ package service_test
 // and progress topics (control records included) under <dir>/<test>/.
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -158,8 +157,8 @@ func e2eLogger(t *testing.T) *slog.Logger {
 }
 
 // e2eLoggerBuf is e2eLogger that also returns the collected log.
-func e2eLoggerBuf(t *testing.T) (*slog.Logger, *e2eBuffer) {
-	buf := &e2eBuffer{}
+func e2eLoggerBuf(t *testing.T) (*slog.Logger, *kafkatest.LogBuffer) {
+	buf := &kafkatest.LogBuffer{}
 	if d := os.Getenv("SLUICE_E2E_DUMP"); d != "" {
 		d = d + "/" + strings.ReplaceAll(t.Name(), "/", "_")
 		_ = os.MkdirAll(d, 0o755)
@@ -183,23 +182,6 @@ func e2eLoggerBuf(t *testing.T) (*slog.Logger, *e2eBuffer) {
 		}
 	})
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelInfo})), buf
-}
-
-type e2eBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *e2eBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *e2eBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // e2eNoLeaks makes the test fail if goroutines it started outlive it (kfake,

@@ -50,7 +50,7 @@ type BrokerProcess struct {
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{}
-	log    lockedBuffer
+	log    LogBuffer
 }
 
 // StartBrokerProcess starts bin (see BuildBroker) on a free port of
@@ -182,19 +182,22 @@ func (b *BrokerProcess) Restart() error {
 // Output returns what the broker process wrote so far.
 func (b *BrokerProcess) Output() string { return b.log.String() }
 
-// lockedBuffer is a bytes.Buffer safe for concurrent writers.
-type lockedBuffer struct {
+// LogBuffer is a bytes.Buffer safe for concurrent writers: the sink of a
+// test's logs or a child process's output.
+type LogBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+// Write appends p.
+func (l *LogBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+// String returns everything written so far.
+func (l *LogBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()

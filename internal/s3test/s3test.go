@@ -9,7 +9,6 @@
 package s3test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -18,7 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +24,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/sluice-stream/sluice/internal/kafkatest"
 )
 
 // Version is the versitygw release .ci/s3server.sh builds.
@@ -106,7 +106,7 @@ type Server struct {
 
 	cmd    *exec.Cmd
 	exited chan struct{}
-	log    *lockedBuffer
+	log    *kafkatest.LogBuffer
 }
 
 // Start starts a server for the test (see RequireBinary when there is no
@@ -172,7 +172,7 @@ func start(bin, root string, backendFlags, extraFlags []string) (*Server, error)
 		"HOME=" + filepath.Dir(root),
 		"PATH=/usr/bin:/bin",
 	}
-	log := &lockedBuffer{}
+	log := &kafkatest.LogBuffer{}
 	cmd.Stdout, cmd.Stderr = log, log
 	setDeathSignal(cmd)
 	if err := cmd.Start(); err != nil {
@@ -258,20 +258,3 @@ func (s *Server) CreateBucket(t testing.TB, name string) {
 
 // Log returns what the server printed so far.
 func (s *Server) Log() string { return s.log.String() }
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
