@@ -25,6 +25,11 @@ type checkpointJob struct {
 	barrier   time.Time
 	txnOpened time.Time
 	syncPause time.Duration
+	// savepoint, when set, is the request whose part this checkpoint
+	// writes once its transactions are committed.
+	savepoint *SavepointRequest
+	// savepointReported: the task was told the outcome.
+	savepointReported bool
 }
 
 // checkpointer runs the asynchronous part of a task's checkpoints, one at a
@@ -35,6 +40,8 @@ type checkpointer struct {
 	jobs chan *checkpointJob
 	// fatal carries the error that must stop the task (at most one).
 	fatal chan error
+	// savepointDone tells the task the outcome of each savepoint barrier.
+	savepointDone chan savepointResult
 	// outstanding counts submitted jobs not yet finished; idle is signalled
 	// after each.
 	outstanding atomic.Int32
@@ -53,28 +60,31 @@ type checkpointer struct {
 }
 
 // newCheckpointer starts from the checkpoints the takeover left: the one the
-// task runs from, then the older retained ones, newest first.
+// task runs from, then the older retained ones, newest first. The local
+// cache is pruned to the files of the retained ones.
 func newCheckpointer(t *Task, retained []*Checkpoint, cancel context.CancelFunc) *checkpointer {
 	from := retained[0]
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	cp := &checkpointer{
-		t:         t,
-		jobs:      make(chan *checkpointJob, t.cfg.Settings.MaxPending+1),
-		fatal:     make(chan error, 1),
-		idle:      make(chan struct{}, 1),
-		done:      make(chan struct{}),
-		cancel:    cancel,
-		committed: maps.Clone(from.CommittedOffsets),
-		uploaded:  map[string]FileRef{},
-		retained:  retained[:min(len(retained), t.cfg.Settings.Retained)],
-		prefix:    hex.EncodeToString(b[:]),
+		t:             t,
+		jobs:          make(chan *checkpointJob, t.cfg.Settings.MaxPending+1),
+		fatal:         make(chan error, 1),
+		savepointDone: make(chan savepointResult, t.cfg.Settings.MaxPending+2),
+		idle:          make(chan struct{}, 1),
+		done:          make(chan struct{}),
+		cancel:        cancel,
+		committed:     maps.Clone(from.CommittedOffsets),
+		uploaded:      map[string]FileRef{},
+		retained:      retained[:min(len(retained), t.cfg.Settings.Retained)],
+		prefix:        hex.EncodeToString(b[:]),
 	}
 	for _, f := range from.Files {
 		if t.cfg.State.Shareable(f.Name) {
 			cp.uploaded[f.Name] = f
 		}
 	}
+	t.cache.prune(cp.retained)
 	return cp
 }
 
@@ -86,6 +96,9 @@ func (cp *checkpointer) run(ctx context.Context) {
 			return
 		case job := <-cp.jobs:
 			err := cp.complete(ctx, job)
+			if job.savepoint != nil && !job.savepointReported {
+				cp.reportSavepoint(ctx, job, errors.New("its checkpoint did not complete"))
+			}
 			cp.outstanding.Add(-1)
 			select {
 			case cp.idle <- struct{}{}:
@@ -113,7 +126,7 @@ func (cp *checkpointer) submit(ctx context.Context, job *checkpointJob) error {
 	case err := <-cp.fatal:
 		return err
 	case <-ctx.Done():
-		return ctx.Err()
+		return context.Cause(ctx)
 	}
 }
 
@@ -125,7 +138,7 @@ func (cp *checkpointer) waitIdle(ctx context.Context) error {
 		case err := <-cp.fatal:
 			return err
 		case <-ctx.Done():
-			return ctx.Err()
+			return context.Cause(ctx) // says which bound of a stop ran out
 		}
 	}
 	return nil
@@ -187,6 +200,10 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 		Job: t.job, Task: task, ID: job.id, Kind: KindCheckpoint, Owner: t.cfg.Owner,
 		CreatedAt: time.Now().UTC(), Offsets: job.offsets, Files: refs,
 		Pending: append([]PendingTxn(nil), cp.pending...), CommittedOffsets: cp.committed,
+		RestoredFrom: t.restoredFrom,
+	}
+	if job.savepoint != nil && job.savepoint.Stop {
+		meta.StoppedBy = job.savepoint.ID
 	}
 	// The create itself must finish before the oldest pending transaction
 	// could time out, or the checkpoint would complete with it aborted.
@@ -254,8 +271,37 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 			t.log.Warn("offsets not committed to the consumer group (monitoring only)", "checkpoint", job.id, "err", err)
 		}
 	}
+	if job.savepoint != nil {
+		cp.writeSavepoint(ctx, job, dir)
+	}
 	cp.retain(ctx, meta)
 	return nil
+}
+
+// writeSavepoint writes the task's part of a savepoint from the checkpoint's
+// local snapshot in dir, after the checkpoint's transactions are committed:
+// a restore from the savepoint then never rebuilds on uncommitted output.
+func (cp *checkpointer) writeSavepoint(ctx context.Context, job *checkpointJob, dir string) {
+	t := cp.t
+	r := job.savepoint
+	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, CheckpointID: job.id, Offsets: job.offsets}
+	err := t.writePart(ctx, *r, part, func(fn func(key, value []byte) error) error {
+		b, err := t.cfg.State.Open(dir)
+		if err != nil {
+			return err
+		}
+		defer b.Close()
+		return b.Scan(nil, fn)
+	})
+	cp.reportSavepoint(ctx, job, err)
+}
+
+func (cp *checkpointer) reportSavepoint(ctx context.Context, job *checkpointJob, err error) {
+	job.savepointReported = true
+	select {
+	case cp.savepointDone <- savepointResult{id: job.savepoint.ID, err: err}:
+	case <-ctx.Done():
+	}
 }
 
 // checkNotTakenOver runs after this owner created the metadata of
@@ -351,6 +397,7 @@ func (cp *checkpointer) upload(ctx context.Context, id int64, dir string, files 
 		refs = append(refs, ref)
 		if shareable {
 			seen[name] = ref
+			t.cache.add(ref, path) // a restore here links it instead of downloading it
 		}
 	}
 	cp.uploaded = seen
@@ -358,7 +405,7 @@ func (cp *checkpointer) upload(ctx context.Context, id int64, dir string, files 
 }
 
 // retain keeps the newest Retained checkpoints and deletes the rest with the
-// files no kept checkpoint references. The newest checkpoint is fully
+// files no kept checkpoint references, in storage and in the local cache. The newest checkpoint is fully
 // committed here, so it is also the one a lost transaction would roll back
 // to: retention never deletes it.
 func (cp *checkpointer) retain(ctx context.Context, newest *Checkpoint) {
@@ -370,4 +417,5 @@ func (cp *checkpointer) retain(ctx context.Context, newest *Checkpoint) {
 	if err := Retain(ctx, t.cfg.Storage, t.job, t.cfg.Task, cp.retained); err != nil {
 		t.log.Warn("retention incomplete; it is retried after the next checkpoint", "err", err)
 	}
+	t.cache.prune(cp.retained)
 }

@@ -42,6 +42,11 @@ type InstanceConfig struct {
 	Log  *slog.Logger
 	// Observe, when set, is called with every finished checkpoint (metrics).
 	Observe func(CheckpointRecord)
+	// Import, when set, restores every task once from a savepoint or
+	// another job's checkpoints (run --from).
+	Import *ImportConfig
+	// OpenLocation opens the storage at a location (savepoints, imports).
+	OpenLocation func(ctx context.Context, location string) (Storage, error)
 }
 
 // Instance is the checkpoint coordinator of one process: it triggers the
@@ -62,6 +67,8 @@ type Instance struct {
 	stats    map[int32]*TaskStats // kept across incarnations and assignments
 	wg       sync.WaitGroup
 	started  chan struct{}
+	// savepoints records the savepoint requests received.
+	savepoints *savepointControl
 }
 
 // runningTask is an assigned task and its supervisor.
@@ -69,6 +76,8 @@ type runningTask struct {
 	stop    context.CancelCauseFunc
 	done    chan struct{}
 	trigger chan struct{}
+	// requests carries savepoint requests to the task's incarnations.
+	requests chan SavepointRequest
 }
 
 // NewInstance prepares an instance; Run runs it.
@@ -81,7 +90,7 @@ func NewInstance(cfg InstanceConfig) *Instance {
 	for _, t := range cfg.Tasks {
 		stats[t] = &TaskStats{observe: cfg.Observe}
 	}
-	return &Instance{cfg: cfg, log: log, running: map[int32]*runningTask{}, stats: stats, started: make(chan struct{})}
+	return &Instance{cfg: cfg, log: log, running: map[int32]*runningTask{}, stats: stats, started: make(chan struct{}), savepoints: newSavepointControl()}
 }
 
 // Stats returns the counters of every task this instance has run, by task.
@@ -156,6 +165,9 @@ func (in *Instance) trigger(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
+		if in.stoppedWithSavepoint() {
+			return
+		}
 		in.mu.Lock()
 		for _, r := range in.running {
 			select {
@@ -165,6 +177,46 @@ func (in *Instance) trigger(ctx context.Context) {
 		}
 		in.mu.Unlock()
 	}
+}
+
+// RequestSavepoint passes a savepoint request to every task of the
+// instance; each writes its part at its next barrier, after its
+// transactions are committed. A request seen before is passed on again
+// (the savepoint command repeats its request for tasks that moved), but a
+// task writes its part only once. Requests for another job are ignored.
+func (in *Instance) RequestSavepoint(r SavepointRequest) {
+	if r.Job != in.cfg.Job.Name() {
+		return
+	}
+	if in.savepoints.add(r) {
+		in.log.Info("savepoint requested", "savepoint", r.ID, "location", r.Location, "stop", r.Stop)
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for task, rt := range in.running {
+		select {
+		case rt.requests <- r:
+		default:
+			in.log.Warn("savepoint request not passed on: the task has too many waiting; it is answered when the request comes again", "task", task, "savepoint", r.ID)
+		}
+	}
+}
+
+// stoppedWithSavepoint reports whether a stop-with-savepoint request arrived
+// and every task of the instance has stopped with it: the instance is done.
+func (in *Instance) stoppedWithSavepoint() bool {
+	if !in.savepoints.stopping() {
+		return false
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for task := range in.running {
+		if !in.stats[task].Stopped.Load() {
+			return false
+		}
+	}
+	in.log.Info("every task of this instance stopped with the savepoint; stopping")
+	return true
 }
 
 // Assign starts the given tasks (those not running yet); it may be called
@@ -183,11 +235,11 @@ func (in *Instance) Assign(tasks []int32) {
 			in.stats[task] = &TaskStats{observe: in.cfg.Observe}
 		}
 		ctx, stop := context.WithCancelCause(in.ctx)
-		r := &runningTask{stop: stop, done: make(chan struct{}), trigger: make(chan struct{}, 1)}
+		r := &runningTask{stop: stop, done: make(chan struct{}), trigger: make(chan struct{}, 1), requests: make(chan SavepointRequest, 8)}
 		in.running[task] = r
 		in.wg.Go(func() {
 			defer close(r.done)
-			if err := in.supervise(ctx, task, r.trigger); err != nil {
+			if err := in.supervise(ctx, task, r); err != nil {
 				in.fail(err)
 			}
 		})
@@ -197,19 +249,31 @@ func (in *Instance) Assign(tasks []int32) {
 
 // Revoke stops the given tasks gracefully: each takes a final checkpoint and
 // commits it before Revoke returns, so the next owner neither loses nor
-// replays anything. Past ctx's deadline the remaining tasks are stopped
-// without it (the next owner recovers them).
+// replays anything. The final checkpoints are bounded by ctx (and by
+// Settings.StopTimeout): past ctx's deadline the remaining tasks stop at
+// once without it, and the next owner recovers them.
 func (in *Instance) Revoke(ctx context.Context, tasks []int32) {
-	in.stopTasks(ctx, tasks, context.Canceled)
+	in.stopTasks(tasks, revoked{ctx})
 }
+
+// revoked is the cause with which a revoked task's context is cancelled: a
+// graceful stop (it is context.Canceled to errors.Is) whose final checkpoint
+// must be done before the revoke's context ends (see stopBound).
+type revoked struct{ ctx context.Context }
+
+func (revoked) Error() string { return "task revoked" }
+
+func (revoked) Unwrap() error { return context.Canceled }
 
 // Lose stops the given tasks at once, without a final checkpoint: the group
 // session was lost and another owner may already run them.
 func (in *Instance) Lose(tasks []int32) {
-	in.stopTasks(context.Background(), tasks, ErrLost)
+	in.stopTasks(tasks, ErrLost)
 }
 
-func (in *Instance) stopTasks(ctx context.Context, tasks []int32, cause error) {
+// stopTasks cancels the tasks' contexts with cause and waits until they are
+// done; a revoked task bounds its final checkpoint itself.
+func (in *Instance) stopTasks(tasks []int32, cause error) {
 	in.mu.Lock()
 	var stopping []*runningTask
 	for _, task := range tasks {
@@ -221,12 +285,7 @@ func (in *Instance) stopTasks(ctx context.Context, tasks []int32, cause error) {
 	}
 	in.mu.Unlock()
 	for _, r := range stopping {
-		select {
-		case <-r.done:
-		case <-ctx.Done():
-			r.stop(ErrLost) // too late for a final checkpoint
-			<-r.done
-		}
+		<-r.done
 	}
 	if len(tasks) > 0 {
 		in.log.Info("tasks released", "tasks", tasks, "graceful", !errors.Is(cause, ErrLost))
@@ -234,7 +293,7 @@ func (in *Instance) stopTasks(ctx context.Context, tasks []int32, cause error) {
 }
 
 // supervise runs incarnations of one task until its context ends.
-func (in *Instance) supervise(ctx context.Context, task int32, trigger chan struct{}) error {
+func (in *Instance) supervise(ctx context.Context, task int32, r *runningTask) error {
 	const minBackoff, maxBackoff = 50 * time.Millisecond, 5 * time.Second
 	backoff := minBackoff
 	for n := 1; ; n++ {
@@ -242,9 +301,17 @@ func (in *Instance) supervise(ctx context.Context, task int32, trigger chan stru
 		in.mu.Lock()
 		st := in.stats[task]
 		in.mu.Unlock()
+		// An incarnation that crashed took its queued requests with it.
+		for _, req := range in.savepoints.outstanding(task) {
+			select {
+			case r.requests <- req:
+			default:
+			}
+		}
 		t := NewTask(TaskConfig{
 			Job: in.cfg.Job, Task: task, Storage: in.cfg.Storage, Sink: in.cfg.Sink, State: in.cfg.State,
-			Input: in.cfg.Input, Settings: in.cfg.Settings, Trigger: trigger, Hook: in.cfg.Hook, Log: in.log,
+			Input: in.cfg.Input, Settings: in.cfg.Settings, Trigger: r.trigger, Hook: in.cfg.Hook, Log: in.log,
+			Import: in.cfg.Import, OpenLocation: in.cfg.OpenLocation, requests: r.requests, control: in.savepoints,
 			WorkDir: filepath.Join(in.cfg.WorkDir, "task-"+strconv.Itoa(int(task))),
 			Owner:   fmt.Sprintf("%s/task-%d/%d-%d", in.cfg.ID, task, time.Now().UnixNano(), n),
 			Stats:   st,

@@ -47,16 +47,26 @@ func EncodeCheckpoint(c *Checkpoint) ([]byte, error) {
 	if err := validateCheckpoint(c); err != nil {
 		return nil, fmt.Errorf("encode checkpoint: %w", err)
 	}
-	body, err := json.Marshal(c)
+	b, err := encodeEnvelope(metadataFormat, metadataVersion, c)
 	if err != nil {
 		return nil, fmt.Errorf("encode checkpoint %d of task %d: %w", c.ID, c.Task, err)
+	}
+	return b, nil
+}
+
+// encodeEnvelope serializes v as the body of a versioned, checksummed
+// envelope (the checkpoint and savepoint metadata formats).
+func encodeEnvelope(format string, version int, v any) ([]byte, error) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
 	}
 	sum := sha256.Sum256(body)
 	// The envelope is assembled by hand so the stored body is byte for byte
 	// the one hashed (marshalling a RawMessage may reformat it).
 	var b bytes.Buffer
-	b.WriteString(`{"format":"` + metadataFormat + `","version":`)
-	fmt.Fprint(&b, metadataVersion)
+	b.WriteString(`{"format":"` + format + `","version":`)
+	fmt.Fprint(&b, version)
 	b.WriteString(`,"sha256":"` + hex.EncodeToString(sum[:]) + `","body":`)
 	b.Write(body)
 	b.WriteString("}\n")
@@ -67,36 +77,9 @@ func EncodeCheckpoint(c *Checkpoint) ([]byte, error) {
 // checksum and fields. Errors wrap ErrCorruptMetadata or
 // ErrUnsupportedVersion.
 func DecodeCheckpoint(b []byte) (*Checkpoint, error) {
-	if len(bytes.TrimSpace(b)) == 0 {
-		return nil, fmt.Errorf("%w: empty", ErrCorruptMetadata)
-	}
-	var env metadataEnvelope
-	if err := json.Unmarshal(b, &env); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorruptMetadata, err)
-	}
-	if env.Format != metadataFormat {
-		return nil, fmt.Errorf("%w: format %q, want %q", ErrCorruptMetadata, env.Format, metadataFormat)
-	}
-	// The version decides how the rest is read, so it is checked before
-	// the checksum: a newer envelope may hash differently.
-	switch {
-	case env.Version > metadataVersion:
-		return nil, fmt.Errorf("%w: version %d (this build reads version %d; written by a newer Sluice?)",
-			ErrUnsupportedVersion, env.Version, metadataVersion)
-	case env.Version < 1:
-		return nil, fmt.Errorf("%w: missing or invalid version %d", ErrCorruptMetadata, env.Version)
-	}
-	if len(env.Body) == 0 {
-		return nil, fmt.Errorf("%w: no body", ErrCorruptMetadata)
-	}
-	sum := sha256.Sum256(env.Body)
-	if got := hex.EncodeToString(sum[:]); got != env.SHA256 {
-		return nil, fmt.Errorf("%w: checksum mismatch (stored sha256 %q, body has %s)",
-			ErrCorruptMetadata, env.SHA256, got)
-	}
 	var c Checkpoint
-	if err := json.Unmarshal(env.Body, &c); err != nil {
-		return nil, fmt.Errorf("%w: body: %v", ErrCorruptMetadata, err)
+	if err := decodeEnvelope(b, metadataFormat, metadataVersion, &c); err != nil {
+		return nil, err
 	}
 	if err := validateCheckpoint(&c); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorruptMetadata, err)
@@ -120,6 +103,43 @@ func validateCheckpoint(c *Checkpoint) error {
 		if err := ValidateName(f.Object); err != nil {
 			return fmt.Errorf("file %q: %w", f.Name, err)
 		}
+	}
+	return nil
+}
+
+// decodeEnvelope checks an envelope written by encodeEnvelope (format,
+// version, checksum) and unmarshals its body into v. Errors wrap
+// ErrCorruptMetadata or ErrUnsupportedVersion.
+func decodeEnvelope(b []byte, format string, version int, v any) error {
+	if len(bytes.TrimSpace(b)) == 0 {
+		return fmt.Errorf("%w: empty", ErrCorruptMetadata)
+	}
+	var env metadataEnvelope
+	if err := json.Unmarshal(b, &env); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorruptMetadata, err)
+	}
+	if env.Format != format {
+		return fmt.Errorf("%w: format %q, want %q", ErrCorruptMetadata, env.Format, format)
+	}
+	// The version decides how the rest is read, so it is checked before
+	// the checksum: a newer envelope may hash differently.
+	switch {
+	case env.Version > version:
+		return fmt.Errorf("%w: version %d (this build reads version %d; written by a newer Sluice?)",
+			ErrUnsupportedVersion, env.Version, version)
+	case env.Version < 1:
+		return fmt.Errorf("%w: missing or invalid version %d", ErrCorruptMetadata, env.Version)
+	}
+	if len(env.Body) == 0 {
+		return fmt.Errorf("%w: no body", ErrCorruptMetadata)
+	}
+	sum := sha256.Sum256(env.Body)
+	if got := hex.EncodeToString(sum[:]); got != env.SHA256 {
+		return fmt.Errorf("%w: checksum mismatch (stored sha256 %q, body has %s)",
+			ErrCorruptMetadata, env.SHA256, got)
+	}
+	if err := json.Unmarshal(env.Body, v); err != nil {
+		return fmt.Errorf("%w: body: %v", ErrCorruptMetadata, err)
 	}
 	return nil
 }

@@ -37,6 +37,14 @@ type Checkpoint struct {
 	// older state: the task then replays and suppresses the output of records
 	// below it, so nothing is emitted twice.
 	CommittedOffsets map[string]int64 `json:"committed_offsets"`
+	// RestoredFrom is the savepoint or checkpoint location the task's state
+	// was imported from (run --from), carried by every later checkpoint, so
+	// an instance started again with the same --from does not import twice.
+	RestoredFrom string `json:"restored_from,omitempty"`
+	// StoppedBy is the id of the stop-with-savepoint request whose barrier
+	// this checkpoint is: the task processed nothing after it. Instances
+	// taking part in that stop leave such a task idle.
+	StoppedBy string `json:"stopped_by,omitempty"`
 }
 
 // Kind says how a checkpoint came to be.
@@ -50,6 +58,9 @@ const (
 	// transactions, and by taking the next id it stops every earlier owner
 	// from completing a checkpoint.
 	KindClaim Kind = "claim"
+	// KindImport is written by a takeover that imports the task's state and
+	// offsets from a savepoint or another job's checkpoints (run --from).
+	KindImport Kind = "import"
 )
 
 // PendingTxn is a pre-committed transaction with the input position of the

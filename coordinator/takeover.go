@@ -21,8 +21,9 @@ const maxClaimAttempts = 10
 //     pending transactions still listed); a lost race goes back to 1;
 //  3. commit the pending transactions, each outcome decided by its marker;
 //     a lost one rolls the task back to an older state (rollback);
-//  4. fence the task's transactional ids (the sink's NewWriter);
-//  5. restore state, seek, run.
+//  4. with run --from, import the state of a savepoint once (importState);
+//  5. fence the task's transactional ids (the sink's NewWriter);
+//  6. restore state, seek, run.
 //
 // It returns the checkpoint the task now runs from, followed by the other
 // readable checkpoints, newest first (the ones retention starts from).
@@ -41,6 +42,15 @@ func (t *Task) takeover(ctx context.Context) ([]*Checkpoint, error) {
 	if from.ID != claim.ID {
 		known = append([]*Checkpoint{claim}, known...)
 	}
+	if imp := t.cfg.Import; imp != nil && from.RestoredFrom != imp.From {
+		imported, err := t.importState(ctx, from)
+		if err != nil {
+			return nil, err
+		}
+		known = append([]*Checkpoint{from}, known...)
+		from = imported
+	}
+	t.restoredFrom = from.RestoredFrom
 	w, err := t.cfg.Sink.NewWriter(ctx, t.cfg.Task)
 	if err != nil {
 		return nil, fmt.Errorf("fence transactional ids of task %d: %w", t.cfg.Task, err)
@@ -71,7 +81,7 @@ func (t *Task) takeover(ctx context.Context) ([]*Checkpoint, error) {
 		return nil, fmt.Errorf("seek task %d: %w", t.cfg.Task, err)
 	}
 	t.st.Restored.Store(from.ID)
-	t.log.Info("task restored", "checkpoint", from.ID, "kind", from.Kind, "offsets", from.Offsets, "files", len(from.Files))
+	t.log.Info("task restored", "checkpoint", from.ID, "kind", from.Kind, "offsets", from.Offsets, "files", len(from.Files), t.restored.attr())
 	return append([]*Checkpoint{from}, known...), nil
 }
 

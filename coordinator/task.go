@@ -30,8 +30,9 @@ type TaskConfig struct {
 	Sink    sink.Sink
 	State   state.Factory
 	Input   Input
-	// WorkDir is the task's local folder for its state; it is wiped and
-	// rebuilt from storage by the takeover.
+	// WorkDir is the task's local folder for its state; the takeover wipes
+	// it and rebuilds the state from storage, except its cache folder of
+	// state files that a restore reuses instead of downloading them.
 	WorkDir  string
 	Settings Settings
 	// Owner identifies this incarnation in metadata; unique per incarnation.
@@ -43,6 +44,28 @@ type TaskConfig struct {
 	Log  *slog.Logger
 	// Stats receives the task's counters; may be shared by incarnations.
 	Stats *TaskStats
+	// Import, when set, restores the task once from a savepoint or another
+	// job's checkpoints (run --from).
+	Import *ImportConfig
+	// OpenLocation opens the storage at a savepoint's location.
+	OpenLocation func(ctx context.Context, location string) (Storage, error)
+
+	// requests delivers savepoint requests; control is the instance's
+	// record of them. Both nil without savepoints.
+	requests <-chan SavepointRequest
+	control  *savepointControl
+}
+
+// ImportConfig says where a task's state comes from on its first start
+// (run --from).
+type ImportConfig struct {
+	// From is the location of a savepoint or of a job's checkpoint folder.
+	From string
+	// AllowNonRestoredState drops state of operators the job no longer has
+	// instead of refusing to start.
+	AllowNonRestoredState bool
+	// Partitions is the number of input partitions (= tasks) now.
+	Partitions int32
 }
 
 // TaskStats are a task's counters, updated atomically.
@@ -55,6 +78,8 @@ type TaskStats struct {
 	LastCheckpointNanos  atomic.Int64
 	Restored             atomic.Int64 // id of the checkpoint the task restored
 	Running              atomic.Bool  // restored and processing
+	// Stopped: the task stopped with a savepoint and processes nothing.
+	Stopped atomic.Bool
 	// Lag is the input records behind the end of the log, as of the last
 	// batch fetched.
 	Lag atomic.Int64
@@ -84,6 +109,8 @@ type Task struct {
 	nextID      int64
 	lastBarrier time.Time
 	txnOpened   time.Time // when the current transaction began
+	// restoredFrom is the import lineage, carried into every checkpoint.
+	restoredFrom string
 	// frontier is set while the task replays input whose output is already
 	// committed (after a rollback): output of records below it is dropped.
 	frontier map[string]int64
@@ -91,12 +118,24 @@ type Task struct {
 	// stuck counts consecutive barriers skipped because failed checkpoints
 	// hold every transactional id.
 	stuck int
+	// savepoints are the requests this task has yet to write its part of,
+	// in arrival order; the first is attached to the next barrier.
+	savepoints []SavepointRequest
+	// spInFlight is the id of the request whose barrier is being completed.
+	spInFlight string
+	// stopped: the task wrote its part of a stop-with-savepoint and
+	// processes nothing more.
+	stopped bool
 
 	// Shared with the checkpointer goroutine.
 	pendingCount atomic.Int32 // pre-committed, not committed transactions
 	lastDone     atomic.Int64 // unix nanos of the last checkpoint completion
 
 	cp *checkpointer
+	// cache keeps shareable state files across restores; restored says
+	// what the restore took from it and what it downloaded.
+	cache    *localCache
+	restored restoreCounts
 }
 
 // suppressWriter drops output while the task replays input whose output is
@@ -144,6 +183,7 @@ func (t *Task) step(s Step, id int64) error {
 // task stops like a crash: the next incarnation's takeover cleans up.
 func (t *Task) Run(ctx context.Context) (err error) {
 	defer t.close()
+	t.st.Stopped.Store(false)
 	restored, err := t.takeover(ctx)
 	if err != nil {
 		return err
@@ -153,6 +193,9 @@ func (t *Task) Run(ctx context.Context) (err error) {
 	t.cp = newCheckpointer(t, restored, cancelCP)
 	go t.cp.run(cpCtx)
 
+	if err := t.resumeStopped(ctx, restored[0]); err != nil {
+		return err
+	}
 	t.st.Running.Store(true)
 	defer t.st.Running.Store(false)
 	bctx, stopBarriers := barrierContext(ctx, t.cfg.Settings.StopTimeout)
@@ -162,19 +205,29 @@ func (t *Task) Run(ctx context.Context) (err error) {
 		if cause := context.Cause(ctx); errors.Is(cause, ErrLost) {
 			return cause // another owner may run it: no final checkpoint
 		}
-		err = t.stopGracefully()
+		if t.stopped {
+			return nil // its newest checkpoint is the stop barrier
+		}
+		if t.stopInFlight() {
+			// The stop barrier is the final checkpoint: no other may follow.
+			wctx, cancel := context.WithTimeout(context.Background(), t.cfg.Settings.StopTimeout)
+			defer cancel()
+			return t.cp.waitIdle(wctx)
+		}
+		err = t.stopGracefully(ctx)
 	}
 	return err
 }
 
 // barrierContext returns the context of the barriers the record loop takes:
 // ctx, except that a graceful stop (ctx cancelled with cause
-// context.Canceled: the task was revoked) gives a barrier in progress up to
-// grace to finish, as the final checkpoint gets. Interrupted, the barrier
-// would fail after sealing the state's write buffer (so the task must crash
-// rather than go on), and the task would stop without its final checkpoint:
-// the next owner would replay everything since the previous one. A lost
-// task (any other cause, such as ErrLost) stops at once.
+// context.Canceled: the task was revoked) gives a barrier in progress as
+// long to finish as the final checkpoint gets (stopBound: grace, or less
+// if the revoke has a deadline). Interrupted, the barrier would fail after
+// sealing the state's write buffer (so the task must crash rather than go
+// on), and the task would stop without its final checkpoint: the next owner
+// would replay everything since the previous one. A lost task (any other
+// cause, such as ErrLost) stops at once.
 func barrierContext(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
 	bctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, func() {
@@ -183,9 +236,31 @@ func barrierContext(ctx context.Context, grace time.Duration) (context.Context, 
 			cancel(cause)
 			return
 		}
-		time.AfterFunc(grace, func() { cancel(cause) }) // a no-op once the task is done
+		sctx, release := stopBound(ctx, grace)
+		context.AfterFunc(sctx, func() { cancel(context.Cause(sctx)) })
+		context.AfterFunc(bctx, release) // the task is done: free the timer
 	})
 	return bctx, func() { stop(); cancel(nil) }
+}
+
+// stopBound returns the context that bounds a graceful stop of the task
+// whose context is ctx (the final checkpoint, a barrier in progress): it
+// ends grace from now or, if the task was revoked (cause revoked), when the
+// revoke's context ends, whichever comes first. Past the revoke's deadline
+// the group moves the task on anyway; the task then stops at once and the
+// next owner recovers it from its newest complete checkpoint.
+func stopBound(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	sctx, cancel := context.WithTimeoutCause(context.Background(), grace,
+		fmt.Errorf("stop timeout %s passed: %w", grace, context.DeadlineExceeded))
+	var r revoked
+	if !errors.As(context.Cause(ctx), &r) || r.ctx == nil {
+		return sctx, cancel
+	}
+	sctx, cancelRevoked := context.WithCancelCause(sctx)
+	stop := context.AfterFunc(r.ctx, func() {
+		cancelRevoked(fmt.Errorf("revoke deadline passed: %w", context.Cause(r.ctx)))
+	})
+	return sctx, func() { stop(); cancelRevoked(nil); cancel() }
 }
 
 // loop processes records and takes barriers (with bctx, see barrierContext)
@@ -193,6 +268,10 @@ func barrierContext(ctx context.Context, grace time.Duration) (context.Context, 
 func (t *Task) loop(ctx, bctx context.Context) error {
 	batches := t.feed.Batches()
 	for {
+		in := batches
+		if t.stopRequested() {
+			in = nil // nothing is processed after a stop barrier
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -202,7 +281,13 @@ func (t *Task) loop(ctx, bctx context.Context) error {
 			if err := t.maybeBarrier(bctx); err != nil {
 				return err
 			}
-		case b := <-batches:
+		case r := <-t.cfg.requests:
+			if err := t.onSavepointRequest(bctx, r); err != nil {
+				return err
+			}
+		case res := <-t.cp.savepointDone:
+			t.onSavepointDone(res)
+		case b := <-in:
 			if b.Err != nil {
 				return fmt.Errorf("task %d: %w", t.cfg.Task, b.Err)
 			}
@@ -260,6 +345,9 @@ func (t *Task) noteLag(topic string, hwm int64) {
 // its newest complete checkpoint (aborting the pending transactions and
 // replaying their input).
 func (t *Task) maybeBarrier(ctx context.Context) error {
+	if t.stopped || t.stopInFlight() {
+		return nil // no checkpoint may follow the stop barrier
+	}
 	if int(t.pendingCount.Load()) >= t.cfg.Settings.MaxPending {
 		if t.cp.outstanding.Load() == 0 {
 			t.stuck++
@@ -300,15 +388,21 @@ func (t *Task) barrier(ctx context.Context) error {
 	t.pendingCount.Add(1)
 	now := time.Now()
 	job := &checkpointJob{id: id, offsets: offsets, sealed: sealed, pre: pre, barrier: now, txnOpened: t.txnOpened, syncPause: time.Since(start)}
+	if t.spInFlight == "" && len(t.savepoints) > 0 {
+		r := t.savepoints[0]
+		job.savepoint, t.spInFlight = &r, r.ID
+	}
 	t.txnOpened = now
 	t.lastBarrier = now
 	return t.cp.submit(ctx, job)
 }
 
 // stopGracefully takes a final checkpoint and waits until it is committed,
-// so a rolling restart neither loses nor replays anything.
-func (t *Task) stopGracefully() error {
-	ctx, cancel := context.WithTimeout(context.Background(), t.cfg.Settings.StopTimeout)
+// so a rolling restart neither loses nor replays anything. It is bounded by
+// stopBound: StopTimeout, or the deadline of the revoke that stopped the
+// task (ctx is the task's context, cancelled by the stop).
+func (t *Task) stopGracefully(ctx context.Context) error {
+	ctx, cancel := stopBound(ctx, t.cfg.Settings.StopTimeout)
 	defer cancel()
 	if err := t.cp.waitIdle(ctx); err != nil {
 		return fmt.Errorf("final checkpoint of task %d: %w", t.cfg.Task, err)
@@ -355,19 +449,22 @@ func (t *Task) localCheckpointDir(id int64) string {
 	return filepath.Join(t.cfg.WorkDir, "checkpoints", fmt.Sprintf("chk-%d", id))
 }
 
-// restoreState rebuilds the task's backend from a checkpoint's files.
+// restoreState rebuilds the task's backend from a checkpoint's files,
+// linking the shareable ones this work dir's cache has and downloading the
+// rest.
 func (t *Task) restoreState(ctx context.Context, c *Checkpoint) error {
 	dir := t.localStateDir()
-	if err := os.RemoveAll(t.cfg.WorkDir); err != nil {
+	t.cache = newLocalCache(filepath.Join(t.cfg.WorkDir, localCacheDir), t.log)
+	if err := clearWorkDir(t.cfg.WorkDir); err != nil {
 		return fmt.Errorf("clear work dir of task %d: %w", t.cfg.Task, err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create work dir of task %d: %w", t.cfg.Task, err)
 	}
-	store, err := OpenCheckpointState(ctx, t.cfg.Storage, t.cfg.State, c, dir)
+	store, n, err := openCheckpointState(ctx, t.cfg.Storage, t.cfg.State, c, dir, t.cache)
 	if err != nil {
 		return err
 	}
-	t.store = store
+	t.store, t.restored = store, n
 	return nil
 }

@@ -63,8 +63,12 @@ type Config struct {
 	// AdminAddr is where /healthz, /readyz, /metrics and /checkpoints are
 	// served; empty disables them.
 	AdminAddr string
-	// Storage, when set, replaces the local checkpoint storage in
-	// CheckpointDir (tests: fault injection with coordinator.FaultyStorage).
+	// S3 configures an s3://bucket/prefix CheckpointDir (CheckpointDir may
+	// also be a local directory or file:///path; see
+	// coordinator.OpenStorage). Credentials come from the standard AWS chain.
+	S3 coordinator.StorageOptions
+	// Storage, when set, replaces the checkpoint storage CheckpointDir and
+	// S3 locate (tests: fault injection with coordinator.FaultyStorage).
 	Storage coordinator.Storage
 }
 
@@ -105,7 +109,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 		}
 		return nil
 	})
-	fs.StringVar(&c.CheckpointDir, "checkpoint-dir", c.CheckpointDir, "where checkpoints are stored (a local directory)")
+	registerStorageFlags(fs, &c.CheckpointDir, &c.S3) // --checkpoint-dir, --s3-*
 	fs.StringVar(&c.WorkDir, "work-dir", c.WorkDir, "local folder for the tasks' working state")
 	fs.StringVar(&c.InstanceID, "instance-id", c.InstanceID, "name of this instance in logs and checkpoint owners")
 	fs.Func("start", "where a task without checkpoint starts: earliest or latest (default earliest)", func(s string) (err error) {
@@ -119,7 +123,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.StateBackend, "state", c.StateBackend, "state backend: pebble or memory")
 	fs.DurationVar(&c.TransactionTimeout, "txn-timeout", c.TransactionTimeout, "Kafka transaction timeout of the sink (at most the broker's transaction.max.timeout.ms)")
 	fs.StringVar(&c.TxnIDPrefix, "txn-prefix", c.TxnIDPrefix, "prefix of the sink's transactional ids")
-	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "how long to wait for the brokers at start")
+	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "how long to wait for the brokers, and for the checkpoint storage, at start")
 	s := &c.Settings
 	fs.DurationVar(&s.Interval, "interval", s.Interval, "checkpoint interval")
 	fs.DurationVar(&s.Timeout, "checkpoint-timeout", s.Timeout, "timeout of one checkpoint's asynchronous part")
@@ -141,9 +145,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 // Validate reports flag values that cannot work, all at once.
 func (c *Config) Validate() error {
 	errs := []error{c.Settings.Validate()}
-	if c.CheckpointDir == "" {
-		errs = append(errs, errors.New("--checkpoint-dir must not be empty"))
-	}
+	errs = append(errs, checkStorageFlags(c.CheckpointDir, c.S3))
 	if c.StateBackend != "pebble" && c.StateBackend != "memory" {
 		errs = append(errs, fmt.Errorf("--state %q: want pebble or memory", c.StateBackend))
 	}
@@ -211,11 +213,16 @@ func Start(ctx context.Context, job *operators.Job, c Config, log *slog.Logger) 
 	}()
 	storage := c.Storage
 	if storage == nil {
-		local, err := coordinator.NewLocalStorage(c.CheckpointDir)
+		octx, cancel := ctx, context.CancelFunc(func() {})
+		if c.ConnectTimeout > 0 {
+			octx, cancel = context.WithTimeout(ctx, c.ConnectTimeout)
+		}
+		opened, err := coordinator.OpenStorage(octx, c.CheckpointDir, c.S3)
+		cancel()
 		if err != nil {
 			return nil, err
 		}
-		storage = local
+		storage = opened
 	}
 	p.Storage = storage
 	src, err := source.New(ctx, source.Config{
@@ -357,9 +364,13 @@ func (p *Process) Close() {
 
 // Main is a user binary's whole main: it parses `run [flags]` from the
 // command line, runs job until SIGINT or SIGTERM, and exits with status 1 and
-// a clear message on any error (2 for bad flags).
+// a clear message on any error (2 for bad flags). The tool commands, such as
+// `checkpoints list`, work on job's storage (see ToolCommand).
 func Main(job *operators.Job) {
 	args := os.Args[1:]
+	if len(args) > 0 && IsToolCommand(args[0]) {
+		os.Exit(runTool(args, toolEnv{stdout: os.Stdout, stderr: os.Stderr, job: job}))
+	}
 	if len(args) > 0 && args[0] == "run" {
 		args = args[1:]
 	}

@@ -37,6 +37,8 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		return demo(args[1:], stdout, stderr)
 	case "run":
 		return run(args[1:], stderr)
+	case "checkpoints":
+		return service.ToolCommand(args, stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
