@@ -284,7 +284,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 func (cp *checkpointer) writeSavepoint(ctx context.Context, job *checkpointJob, dir string) {
 	t := cp.t
 	r := job.savepoint
-	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, CheckpointID: job.id, Offsets: job.offsets}
+	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, Partitions: t.cfg.Partitions, CheckpointID: job.id, Offsets: job.offsets}
 	err := t.writePart(ctx, *r, part, func(fn func(key, value []byte) error) error {
 		b, err := t.cfg.State.Open(dir)
 		if err != nil {

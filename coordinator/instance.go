@@ -42,6 +42,8 @@ type InstanceConfig struct {
 	Log  *slog.Logger
 	// Observe, when set, is called with every finished checkpoint (metrics).
 	Observe func(CheckpointRecord)
+	// Partitions is the job's number of tasks (input partitions).
+	Partitions int32
 	// Import, when set, restores every task once from a savepoint or
 	// another job's checkpoints (run --from).
 	Import *ImportConfig
@@ -311,7 +313,7 @@ func (in *Instance) supervise(ctx context.Context, task int32, r *runningTask) e
 		t := NewTask(TaskConfig{
 			Job: in.cfg.Job, Task: task, Storage: in.cfg.Storage, Sink: in.cfg.Sink, State: in.cfg.State,
 			Input: in.cfg.Input, Settings: in.cfg.Settings, Trigger: r.trigger, Hook: in.cfg.Hook, Log: in.log,
-			Import: in.cfg.Import, OpenLocation: in.cfg.OpenLocation, requests: r.requests, control: in.savepoints,
+			Partitions: in.cfg.Partitions, Import: in.cfg.Import, OpenLocation: in.cfg.OpenLocation, requests: r.requests, control: in.savepoints,
 			WorkDir: filepath.Join(in.cfg.WorkDir, "task-"+strconv.Itoa(int(task))),
 			Owner:   fmt.Sprintf("%s/task-%d/%d-%d", in.cfg.ID, task, time.Now().UnixNano(), n),
 			Stats:   st,

@@ -98,6 +98,10 @@ type SavepointPart struct {
 	Job         string `json:"job"`
 	SavepointID string `json:"savepoint_id"`
 	Task        int32  `json:"task"`
+	// Partitions is the job's number of tasks when the part was written
+	// (0 if unknown): it tells the savepoint command how many parts to
+	// wait for.
+	Partitions int32 `json:"partitions"`
 	// CheckpointID is the task's checkpoint whose state and offsets the part
 	// copies; its transactions were committed before the part was written.
 	CheckpointID int64            `json:"checkpoint_id"`

@@ -187,7 +187,7 @@ func (t *Task) resumeStopped(ctx context.Context, from *Checkpoint) error {
 // holds exactly the state of its newest checkpoint (nothing was processed
 // since).
 func (t *Task) writePartFromStore(ctx context.Context, r SavepointRequest) error {
-	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, CheckpointID: t.nextID - 1, Offsets: maps.Clone(t.position)}
+	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, Partitions: t.cfg.Partitions, CheckpointID: t.nextID - 1, Offsets: maps.Clone(t.position)}
 	if err := t.writePart(ctx, r, part, scanStore(t.store)); err != nil {
 		t.log.Warn("savepoint part not written; the request is answered when it comes again", "savepoint", r.ID, "err", err)
 		return nil

@@ -44,6 +44,9 @@ type TaskConfig struct {
 	Log  *slog.Logger
 	// Stats receives the task's counters; may be shared by incarnations.
 	Stats *TaskStats
+	// Partitions is the job's number of tasks (input partitions), written
+	// into savepoint parts; 0 if unknown.
+	Partitions int32
 	// Import, when set, restores the task once from a savepoint or another
 	// job's checkpoints (run --from).
 	Import *ImportConfig

@@ -363,7 +363,7 @@ func TestToolDispatch(t *testing.T) {
 	if !IsToolCommand("checkpoints") || IsToolCommand("run") || IsToolCommand("list") || IsToolCommand("") {
 		t.Error("IsToolCommand")
 	}
-	if u := ToolUsage(); !strings.Contains(u, "  checkpoints list  list the complete checkpoints") {
+	if u := ToolUsage(); !strings.Contains(u, "  checkpoints list ") || !strings.Contains(u, "list the complete checkpoints") {
 		t.Errorf("ToolUsage() = %q", u)
 	}
 	var out, errOut bytes.Buffer

@@ -59,7 +59,10 @@ type grpEnv struct {
 	stream  *kafkatest.Stream
 }
 
-func newGrpEnv(t *testing.T) *grpEnv {
+func newGrpEnv(t *testing.T) *grpEnv { return newGrpEnvParts(t, grpTasks) }
+
+// newGrpEnvParts is newGrpEnv with an input of the given partition count.
+func newGrpEnvParts(t *testing.T, parts int32) *grpEnv {
 	t.Helper()
 	addr, cluster := kafkatest.Start(t,
 		kfake.GroupMinSessionTimeout(100*time.Millisecond),
@@ -69,9 +72,9 @@ func newGrpEnv(t *testing.T) *grpEnv {
 			"group.consumer.session.timeout.ms":    "1500",
 		}),
 	)
-	kafkatest.CreateTopics(t, addr, grpTasks, grpInput, grpOutput)
+	kafkatest.CreateTopics(t, addr, parts, grpInput, grpOutput)
 	e := &grpEnv{t: t, addr: addr, cluster: cluster, ckptDir: t.TempDir(), log: newGrpLog(t)}
-	e.stream = kafkatest.NewStream(t, addr, grpInput, grpTasks)
+	e.stream = kafkatest.NewStream(t, addr, grpInput, parts)
 	return e
 }
 

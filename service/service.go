@@ -67,6 +67,11 @@ type Config struct {
 	// also be a local directory or file:///path; see
 	// coordinator.OpenStorage). Credentials come from the standard AWS chain.
 	S3 coordinator.StorageOptions
+	// From, when set, is the savepoint or job checkpoint folder every task
+	// restores from once (run --from); AllowNonRestoredState drops state
+	// of operators the job no longer has instead of refusing to start.
+	From                  string
+	AllowNonRestoredState bool
 	// Storage, when set, replaces the checkpoint storage CheckpointDir and
 	// S3 locate (tests: fault injection with coordinator.FaultyStorage).
 	Storage coordinator.Storage
@@ -138,6 +143,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.RebalanceTimeout, "rebalance-timeout", c.RebalanceTimeout, "consumer group rebalance timeout; bounds the final checkpoint of a revoked task")
 	c.AdminAddr = ":8080" // the command line serves them by default; Start callers opt in
 	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "address of the admin HTTP endpoints (/healthz, /readyz, /metrics, /checkpoints); empty disables")
+	fs.StringVar(&c.From, "from", c.From, "restore every task once from this savepoint or job checkpoint folder (<checkpoint-dir>/<job>); instances started again with the same --from do not import twice")
+	fs.BoolVar(&c.AllowNonRestoredState, "allow-non-restored-state", c.AllowNonRestoredState, "with --from: drop state of operators this job no longer has instead of refusing to start")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "log format: text or json")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
 }
@@ -146,6 +153,13 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 func (c *Config) Validate() error {
 	errs := []error{c.Settings.Validate()}
 	errs = append(errs, checkStorageFlags(c.CheckpointDir, c.S3))
+	if c.From != "" {
+		if err := coordinator.ValidateLocation(c.From); err != nil {
+			errs = append(errs, fmt.Errorf("--from: %w", err))
+		}
+	} else if c.AllowNonRestoredState {
+		errs = append(errs, errors.New("--allow-non-restored-state needs --from"))
+	}
 	if c.StateBackend != "pebble" && c.StateBackend != "memory" {
 		errs = append(errs, fmt.Errorf("--state %q: want pebble or memory", c.StateBackend))
 	}
@@ -182,6 +196,7 @@ type Process struct {
 	job      *operators.Job
 	log      *slog.Logger
 	input    *coordinator.KafkaInput
+	control  *control
 	admin    *admin
 	close    []func()
 }
@@ -272,12 +287,22 @@ func Start(ctx context.Context, job *operators.Job, c Config, log *slog.Logger) 
 			tasks[i] = int32(i)
 		}
 	}
+	if p.control, err = openControl(ctx, c.Brokers, job.Name(), log); err != nil {
+		return nil, err
+	}
+	p.close = append(p.close, p.control.close)
+	var imp *coordinator.ImportConfig
+	if c.From != "" {
+		imp = &coordinator.ImportConfig{From: c.From, AllowNonRestoredState: c.AllowNonRestoredState, Partitions: src.Partitions()}
+	}
+	locs := &locations{opts: c.S3}
 	m := newMetrics()
 	p.input = &coordinator.KafkaInput{Source: src}
 	p.Instance = coordinator.NewInstance(coordinator.InstanceConfig{
 		Job: job, Storage: storage, Sink: p.Sink, State: factory, Input: p.input,
 		Tasks: tasks, WorkDir: filepath.Join(c.WorkDir, job.Name()), Settings: settings,
 		ID: c.InstanceID, Hook: c.Hook, Log: log, Observe: m.observe,
+		Partitions: src.Partitions(), Import: imp, OpenLocation: locs.Open,
 	})
 	m.instance = p.Instance
 	if p.admin, err = startAdmin(c.AdminAddr, p.Instance, m, log); err != nil {
@@ -314,6 +339,10 @@ func (p *Process) Run(ctx context.Context) error {
 
 	instCtx, stopInstance := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopInstance()
+	ctlCtx, stopControl := context.WithCancel(instCtx)
+	ctlDone := make(chan struct{})
+	go func() { defer close(ctlDone); p.control.run(ctlCtx, p.Instance) }()
+	defer func() { stopControl(); <-ctlDone }()
 	instDone := make(chan error, 1)
 	go func() { instDone <- p.Instance.Run(instCtx) }()
 

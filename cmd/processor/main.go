@@ -3,6 +3,9 @@
 //	processor demo   everything embedded: a Kafka broker, an event generator
 //	                 and the count job, with progress every second
 //	processor run    the count job against external brokers
+//
+// and the tools of every Sluice binary (service.ToolCommand): savepoint,
+// savepoint dispose, savepoints list, checkpoints list, state dump.
 package main
 
 import (
@@ -16,12 +19,14 @@ import (
 	"github.com/sluice-stream/sluice/service"
 )
 
-const usage = `usage: processor <command> [flags]
+var usage = `usage: processor <command> [flags]
 
 commands:
   demo   run the count job on an embedded Kafka broker with generated input
   run    run the count job against external brokers (see processor run -h)
-`
+
+tools:
+` + service.ToolUsage()
 
 func main() {
 	os.Exit(dispatch(os.Args[1:], os.Stdout, os.Stderr))
@@ -37,11 +42,12 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		return demo(args[1:], stdout, stderr)
 	case "run":
 		return run(args[1:], stderr)
-	case "checkpoints":
-		return service.ToolCommand(args, stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
+	}
+	if service.IsToolCommand(args[0]) {
+		return service.ToolCommand(args, stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "unknown command %q\n%s", args[0], usage)
 	return 2
