@@ -227,9 +227,17 @@ func runProtocolScenario(t *testing.T, seed uint64) (map[Step]int, int) {
 // that exactly 3 complete checkpoints and only the files they reference are
 // left in storage.
 func TestRetentionKeepsNoOrphans(t *testing.T) {
+	checkRetentionKeepsNoOrphans(t, NewMemStorage())
+}
+
+// checkRetentionKeepsNoOrphans takes many incremental checkpoints (Pebble
+// state, shared files) on st, which must be empty, and checks that exactly
+// the 3 retained checkpoints and the files they reference are left, and
+// that the checkpoints were incremental (a file shared by two of them).
+func checkRetentionKeepsNoOrphans(t *testing.T, st Storage) {
+	ctx := context.Background()
 	input, _ := genInput("events", 1, 500)
 	broker := newFakeBroker()
-	mem := NewMemStorage()
 	settings := DefaultSettings()
 	settings.Interval = time.Millisecond
 	settings.Retained = 3
@@ -237,39 +245,52 @@ func TestRetentionKeepsNoOrphans(t *testing.T) {
 	pf := state.NewPebbleFactory(8 << 20)
 	defer pf.Close()
 	in := NewInstance(InstanceConfig{
-		Job: example.CountJob("counts", "events", "counts"), Storage: mem, Sink: &fakeSink{b: broker, pool: 3},
+		Job: example.CountJob("counts", "events", "counts"), Storage: st, Sink: &fakeSink{b: broker, pool: 3},
 		State: pf, Input: newFakeInput("events", input), Tasks: []int32{0}, WorkDir: dir, Settings: settings, ID: "i1",
 	})
-	ctx, cancel := context.WithCancel(context.Background())
+	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- in.Run(ctx) }()
-	waitFor(t, 30*time.Second, "output and 10 checkpoints", func() bool {
-		return len(broker.readCommitted("counts")) == 500 && in.Stats()[0].CheckpointsCompleted.Load() >= 10
+	go func() { done <- in.Run(runCtx) }()
+	waitFor(t, 60*time.Second, "output and 20 checkpoints", func() bool {
+		return len(broker.readCommitted("counts")) == 500 && in.Stats()[0].CheckpointsCompleted.Load() >= 20
 	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	ids, err := ListCheckpointIDs(context.Background(), mem, "counts", 0)
+	ids, err := ListCheckpointIDs(ctx, st, "counts", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(ids) != 3 {
 		t.Fatalf("%d complete checkpoints retained (%v), want 3", len(ids), ids)
 	}
-	referenced := map[string]bool{}
+	referenced := map[string]int{}
 	for _, id := range ids {
-		referenced[MetadataName("counts", 0, id)] = true
-		c, err := LoadCheckpoint(context.Background(), mem, "counts", 0, id)
+		referenced[MetadataName("counts", 0, id)]++
+		c, err := LoadCheckpoint(ctx, st, "counts", 0, id)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, f := range c.Files {
-			referenced[FileObjectName("counts", 0, f)] = true
+			referenced[FileObjectName("counts", 0, f)]++
 		}
 	}
-	for _, name := range mem.Names() {
-		if !referenced[name] {
+	shared := 0
+	for _, n := range referenced {
+		if n > 1 {
+			shared++
+		}
+	}
+	if shared == 0 {
+		t.Error("no file is shared by two retained checkpoints: checkpoints were not incremental")
+	}
+	names, err := st.List(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		if referenced[name] == 0 {
 			t.Errorf("orphan object %s", name)
 		}
 	}

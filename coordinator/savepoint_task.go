@@ -137,10 +137,20 @@ func (t *Task) onSavepointDone(res savepointResult) {
 	}
 	r := t.savepoints[0]
 	t.savepoints = t.savepoints[1:]
+	t.partWritten(r)
+	if r.Stop {
+		t.stop(r)
+	}
+}
+
+// partWritten records that the task's part of r is in storage. A stopped
+// task counts as stopped for its instance only from then on: the
+// instance ends when every task is.
+func (t *Task) partWritten(r SavepointRequest) {
 	t.cfg.control.markWritten(r.ID, t.cfg.Task)
 	t.log.Info("savepoint part written", "savepoint", r.ID, "location", r.Location)
-	if r.Stop {
-		t.stop(r.ID)
+	if t.stopped && r.ID == t.stoppedBy.ID {
+		t.st.Stopped.Store(true)
 	}
 }
 
@@ -164,10 +174,21 @@ func (t *Task) stopInFlight() bool {
 	return t.spInFlight != "" && t.savepoints[0].Stop
 }
 
-func (t *Task) stop(id string) {
-	t.stopped = true
-	t.st.Stopped.Store(true)
-	t.log.Info("task stopped with savepoint; it processes nothing more", "savepoint", id)
+func (t *Task) stop(r SavepointRequest) {
+	t.stopped, t.stoppedBy = true, r
+	if t.cfg.control.isWritten(r.ID, t.cfg.Task) {
+		t.st.Stopped.Store(true)
+	}
+	t.log.Info("task stopped with savepoint; it processes nothing more", "savepoint", r.ID)
+}
+
+// retryStopPart runs at every trigger of a stopped task until its part of
+// the stop savepoint is written.
+func (t *Task) retryStopPart(ctx context.Context) error {
+	if t.st.Stopped.Load() {
+		return nil
+	}
+	return t.writePartFromStore(ctx, t.stoppedBy)
 }
 
 // resumeStopped runs after a takeover: a task whose newest checkpoint is the
@@ -179,7 +200,7 @@ func (t *Task) resumeStopped(ctx context.Context, from *Checkpoint) error {
 	if !ok {
 		return nil
 	}
-	t.stop(r.ID)
+	t.stop(r)
 	return t.writePartFromStore(ctx, r)
 }
 
@@ -189,11 +210,10 @@ func (t *Task) resumeStopped(ctx context.Context, from *Checkpoint) error {
 func (t *Task) writePartFromStore(ctx context.Context, r SavepointRequest) error {
 	part := SavepointPart{Job: t.job, SavepointID: r.ID, Task: t.cfg.Task, Partitions: t.cfg.Partitions, CheckpointID: t.nextID - 1, Offsets: maps.Clone(t.position)}
 	if err := t.writePart(ctx, r, part, scanStore(t.store)); err != nil {
-		t.log.Warn("savepoint part not written; the request is answered when it comes again", "savepoint", r.ID, "err", err)
+		t.log.Warn("savepoint part not written; trying again", "savepoint", r.ID, "err", err)
 		return nil
 	}
-	t.cfg.control.markWritten(r.ID, t.cfg.Task)
-	t.log.Info("savepoint part written", "savepoint", r.ID, "location", r.Location)
+	t.partWritten(r)
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,6 +42,7 @@ type savepointEnv struct {
 	t      *testing.T
 	broker *fakeBroker
 	mem    *MemStorage
+	logs   kafkatest.LogBuffer
 }
 
 func (e *savepointEnv) open(_ context.Context, loc string) (Storage, error) {
@@ -64,6 +66,12 @@ func (e *savepointEnv) startWithHook(job *operators.Job, input map[int32][]*kgo.
 		Job: job, Storage: e.mem, Sink: &fakeSink{b: e.broker, pool: settings.MaxPending + 1},
 		State: state.NewMemoryFactory(), Input: newFakeInput("events", input), Tasks: tasks,
 		WorkDir: e.t.TempDir(), Settings: settings, ID: "i", Import: imp, OpenLocation: e.open, Hook: hook,
+		Log: slog.New(slog.NewTextHandler(&e.logs, nil)),
+	})
+	e.t.Cleanup(func() {
+		if e.t.Failed() {
+			e.t.Logf("instance log:\n%s", e.logs.String())
+		}
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -310,9 +318,14 @@ func TestImportRefusesNonRestoredState(t *testing.T) {
 // part (a flipped byte, a truncation) is refused, and dispose removes a
 // savepoint completely, metadata first.
 func TestSavepointStateFileIsVerified(t *testing.T) {
+	checkSavepointFormat(t, NewMemStorage())
+}
+
+// checkSavepointFormat writes, completes, reads, corrupts and disposes a
+// savepoint in the empty storage root.
+func checkSavepointFormat(t *testing.T, root Storage) {
 	ctx := context.Background()
-	mem := NewMemStorage()
-	st := Sub(mem, "sp")
+	st := Sub(root, "sp")
 	entries := map[string]string{"a": "1", "b": "22", "c": ""}
 	scan := func(fn func(k, v []byte) error) error {
 		for _, k := range []string{"a", "b", "c"} {
@@ -353,13 +366,13 @@ func TestSavepointStateFileIsVerified(t *testing.T) {
 			t.Errorf("%s state file: %v, want ErrCorruptState", name, err)
 		}
 	}
-	if err := mem.Put(ctx, "other/file", strings.NewReader("x")); err != nil {
+	if err := root.Put(ctx, "other/file", strings.NewReader("x")); err != nil {
 		t.Fatal(err)
 	}
 	if n, err := DisposeSavepoint(ctx, st); err != nil || n != 3 {
 		t.Fatalf("dispose: %d objects, %v; want 3", n, err)
 	}
-	if names, _ := mem.List(ctx, ""); len(names) != 1 || names[0] != "other/file" {
+	if names, _ := root.List(ctx, ""); len(names) != 1 || names[0] != "other/file" {
 		t.Fatalf("after dispose: %v, want only other/file", names)
 	}
 }

@@ -762,3 +762,17 @@ func TestS3Outage(t *testing.T) {
 	kafkatest.CheckCounts(t, broker.readCommitted("counts"), want)
 	checkS3FinalState(t, st, state.NewMemoryFactory(), parts, want)
 }
+
+// TestS3RetentionKeepsNoOrphans: many incremental checkpoints on S3 leave
+// exactly the retained checkpoints and the files they reference.
+func TestS3RetentionKeepsNoOrphans(t *testing.T) {
+	env := newS3Env(t, s3test.Options{})
+	checkRetentionKeepsNoOrphans(t, env.open(t, "s3://"+env.bucket(t)+"/retention"))
+}
+
+// TestS3Savepoint: the savepoint format on S3 (conditional create of the
+// parts and _metadata, verified state files, dispose).
+func TestS3Savepoint(t *testing.T) {
+	env := newS3Env(t, s3test.Options{})
+	checkSavepointFormat(t, env.open(t, "s3://"+env.bucket(t)+"/savepoints"))
+}

@@ -126,9 +126,10 @@ type Task struct {
 	savepoints []SavepointRequest
 	// spInFlight is the id of the request whose barrier is being completed.
 	spInFlight string
-	// stopped: the task wrote its part of a stop-with-savepoint and
-	// processes nothing more.
-	stopped bool
+	// stopped: the task took the barrier of a stop-with-savepoint (its
+	// request is stoppedBy) and processes nothing more.
+	stopped   bool
+	stoppedBy SavepointRequest
 
 	// Shared with the checkpointer goroutine.
 	pendingCount atomic.Int32 // pre-committed, not committed transactions
@@ -348,8 +349,11 @@ func (t *Task) noteLag(topic string, hwm int64) {
 // its newest complete checkpoint (aborting the pending transactions and
 // replaying their input).
 func (t *Task) maybeBarrier(ctx context.Context) error {
-	if t.stopped || t.stopInFlight() {
-		return nil // no checkpoint may follow the stop barrier
+	if t.stopped {
+		return t.retryStopPart(ctx) // no checkpoint may follow the stop barrier
+	}
+	if t.stopInFlight() {
+		return nil
 	}
 	if int(t.pendingCount.Load()) >= t.cfg.Settings.MaxPending {
 		if t.cp.outstanding.Load() == 0 {
