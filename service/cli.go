@@ -383,12 +383,7 @@ func checkpointsList(ctx context.Context, args []string, env toolEnv) int {
 	if err := checkStorageFlags(dir, opts); err != nil {
 		errs = append(errs, err)
 	}
-	switch {
-	case *job == "":
-		errs = append(errs, errors.New("--job is required"))
-	case strings.Contains(*job, "/") || coordinator.ValidateName(*job) != nil:
-		errs = append(errs, fmt.Errorf("--job %q is not a job name", *job))
-	}
+	errs = append(errs, checkJobFlag(*job))
 	if err := errors.Join(errs...); err != nil {
 		fmt.Fprintf(env.stderr, "%s: %v\n", name, err)
 		return 2

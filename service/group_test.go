@@ -34,6 +34,7 @@ import (
 	"github.com/sluice-stream/sluice/coordinator"
 	"github.com/sluice-stream/sluice/internal/example"
 	"github.com/sluice-stream/sluice/internal/kafkatest"
+	"github.com/sluice-stream/sluice/operators"
 	"github.com/sluice-stream/sluice/service"
 )
 
@@ -115,11 +116,17 @@ type grpInstance struct {
 // start starts an instance with c; it is stopped with the test if the test
 // does not stop it.
 func (e *grpEnv) start(c service.Config) *grpInstance {
+	e.t.Helper()
+	return e.startJob(example.CountJob(grpJob, grpInput, grpOutput), c)
+}
+
+// startJob starts an instance of job (a version of the count job) with c.
+func (e *grpEnv) startJob(job *operators.Job, c service.Config) *grpInstance {
 	t := e.t
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	log := e.log.logger().With("instance", c.InstanceID)
-	p, err := service.Start(ctx, example.CountJob(grpJob, grpInput, grpOutput), c, log)
+	p, err := service.Start(ctx, job, c, log)
 	if err != nil {
 		cancel()
 		t.Fatalf("start instance %s: %v", c.InstanceID, err)

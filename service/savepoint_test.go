@@ -105,26 +105,6 @@ func savepointTool(t *testing.T, args ...string) string {
 	return strings.TrimSpace(stdout.String())
 }
 
-// startJob starts an instance of job with c.
-func startVersion(e *grpEnv, job *operators.Job, c service.Config) *grpInstance {
-	t := e.t
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	p, err := service.Start(ctx, job, c, e.log.logger().With("instance", c.InstanceID))
-	if err != nil {
-		cancel()
-		t.Fatalf("start instance %s: %v", c.InstanceID, err)
-	}
-	in := &grpInstance{name: c.InstanceID, p: p, cancel: cancel, done: make(chan error, 1)}
-	go func() { in.done <- p.Run(ctx) }()
-	t.Cleanup(func() {
-		if err := in.stop(); err != nil {
-			t.Errorf("instance %s: %v", in.name, err)
-		}
-	})
-	return in
-}
-
 // waitStoppedByItself waits for an instance's Run to return without being
 // cancelled, as after a stop-with-savepoint.
 func waitStoppedByItself(t *testing.T, in *grpInstance) {
@@ -168,15 +148,15 @@ func TestSavepointStopUpgradeRestore(t *testing.T) {
 
 	c1, c2 := e.config("c", "classic"), e.config("d", "classic")
 	c1.From, c2.From = loc, loc
-	c := startVersion(e, upgradedCountJob(grpJob, grpInput, grpOutput), c1)
-	d := startVersion(e, upgradedCountJob(grpJob, grpInput, grpOutput), c2)
+	c := e.startJob(upgradedCountJob(grpJob, grpInput, grpOutput), c1)
+	d := e.startJob(upgradedCountJob(grpJob, grpInput, grpOutput), c2)
 	e.waitBalanced(c, d)
 	time.Sleep(300 * time.Millisecond)
 	// d restarts with the same --from: its tasks resume, no import again.
 	if err := d.stop(); err != nil {
 		t.Fatal(err)
 	}
-	d2 := startVersion(e, upgradedCountJob(grpJob, grpInput, grpOutput), c2)
+	d2 := e.startJob(upgradedCountJob(grpJob, grpInput, grpOutput), c2)
 	e.waitBalanced(c, d2)
 	if err := pr.stop(); err != nil {
 		t.Fatal(err)
@@ -217,7 +197,7 @@ func TestSavepointRestoreWithMorePartitions(t *testing.T) {
 	}
 	c := e.config("b", "classic")
 	c.From = loc
-	b := startVersion(e, example.CountJob(grpJob, grpInput, grpOutput), c)
+	b := e.startJob(example.CountJob(grpJob, grpInput, grpOutput), c)
 	pr2 := newHashedProducer(t, addr, grpInput) // fresh metadata: 12 partitions
 	pr2.n, pr2.want = pr.n, pr.want
 	pr2.produce(t, 4)
