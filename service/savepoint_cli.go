@@ -103,7 +103,7 @@ func savepointTrigger(ctx context.Context, args []string, env toolEnv) int {
 	fmt.Fprintf(env.stderr, "savepoint %s of job %s requested (stop: %v); waiting for every task to write its part to %s\n", id, *job, *stop, loc)
 
 	var partitions int32
-	shown, lastSend := -1, time.Now()
+	shown, lastSend, started, warned := -1, time.Now(), time.Now(), false
 	for {
 		parts, err := coordinator.ReadSavepointParts(ctx, st)
 		if err != nil {
@@ -118,6 +118,10 @@ func savepointTrigger(ctx context.Context, args []string, env toolEnv) int {
 		}
 		if partitions > 0 && len(parts) >= int(partitions) {
 			break
+		}
+		if !warned && shown < 0 && time.Since(started) > 30*time.Second {
+			fmt.Fprintf(env.stderr, "  no task has answered after 30s: is job %s running? (waiting up to --timeout %s)\n", *job, *timeout)
+			warned = true
 		}
 		if time.Since(lastSend) > 5*time.Second {
 			// Tasks that moved to an instance started after the request
