@@ -214,7 +214,7 @@ func (t *Task) Run(ctx context.Context) (err error) {
 		}
 		if t.stopInFlight() {
 			// The stop barrier is the final checkpoint: no other may follow.
-			wctx, cancel := context.WithTimeout(context.Background(), t.cfg.Settings.StopTimeout)
+			wctx, cancel := stopBound(ctx, t.cfg.Settings.StopTimeout)
 			defer cancel()
 			return t.cp.waitIdle(wctx)
 		}

@@ -96,6 +96,13 @@ type Inbox struct {
 	task int32
 	done chan struct{}
 	once sync.Once
+
+	// While the task is behind (C full), its partitions are paused and a
+	// flush goroutine hands it the batches already fetched, in order;
+	// then the dispatcher resumes them. Guarded by mu.
+	mu       sync.Mutex
+	flushing bool
+	backlog  []Batch
 }
 
 func (in *Inbox) close() { in.once.Do(func() { close(in.done) }) }
@@ -282,6 +289,8 @@ func (s *Source) Assign(ctx context.Context, task int32, offsets map[string]int6
 			old.close()
 			s.cl.RemoveConsumePartitions(s.topicPartitions(task))
 		}
+		// A pause outlives the partitions' removal: clear it.
+		s.cl.ResumeFetchPartitions(s.topicPartitions(task))
 		s.inboxes[task] = in
 		s.cl.AddConsumePartitions(add)
 	})
@@ -305,6 +314,7 @@ func (s *Source) Release(ctx context.Context, in *Inbox) error {
 		if s.inboxes[in.task] == in {
 			delete(s.inboxes, in.task)
 			s.cl.RemoveConsumePartitions(s.topicPartitions(in.task))
+			s.cl.ResumeFetchPartitions(s.topicPartitions(in.task))
 		}
 	})
 }
@@ -339,7 +349,9 @@ func (s *Source) control(ctx context.Context, fn func()) error {
 }
 
 // Run is the dispatcher: it polls the client and hands every partition's
-// records to its task's inbox until ctx is done.
+// records to its task's inbox until ctx is done. It never waits for a task:
+// one that is behind has its partitions paused until it caught up (see
+// deliver), so it cannot hold up the other tasks of the instance.
 func (s *Source) Run(ctx context.Context) error {
 	for {
 		s.applyControl()
@@ -380,16 +392,71 @@ func (s *Source) applyControl() {
 	}
 }
 
+// deliver hands b to its task's inbox without waiting. If the inbox is full
+// the task is behind: its partitions are paused (kgo then neither fetches
+// them nor hands out what it buffered of them, and fetches it again from
+// the next offset once resumed), and a flush goroutine delivers b and
+// whatever else was already fetched for the task, in order, as the task
+// reads; then resume lets fetching go on.
 func (s *Source) deliver(ctx context.Context, task int32, b Batch) {
 	in := s.inboxes[task]
 	if in == nil {
 		return
 	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.flushing {
+		in.backlog = append(in.backlog, b)
+		return
+	}
 	select {
 	case in.c <- b:
+		return
 	case <-in.done:
-	case <-ctx.Done():
+		return
+	default:
 	}
+	s.cl.PauseFetchPartitions(s.topicPartitions(task))
+	in.flushing = true
+	in.backlog = append(in.backlog, b)
+	go s.flush(ctx, in)
+}
+
+// flush delivers a paused task's backlog as the task reads it, then asks
+// the dispatcher to resume the task's partitions. It ends early when the
+// inbox is released or replaced (which clears the pause) or ctx is done.
+func (s *Source) flush(ctx context.Context, in *Inbox) {
+	for {
+		in.mu.Lock()
+		if len(in.backlog) == 0 {
+			in.mu.Unlock()
+			break
+		}
+		b := in.backlog[0]
+		in.backlog = in.backlog[1:]
+		in.mu.Unlock()
+		select {
+		case in.c <- b:
+		case <-in.done:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+	// On the dispatcher, so no batch for the task can come in between.
+	_ = s.control(ctx, func() {
+		if s.inboxes[in.task] != in {
+			return // released or replaced: the pause is cleared already
+		}
+		in.mu.Lock()
+		defer in.mu.Unlock()
+		if len(in.backlog) > 0 { // fetched before the pause took effect
+			go s.flush(ctx, in)
+			return
+		}
+		in.flushing = false
+		s.cl.ResumeFetchPartitions(s.topicPartitions(in.task))
+	})
 }
 
 // CommitOffsets commits a task's checkpointed offsets to the consumer group,
