@@ -442,8 +442,11 @@ func TestParseS3URL(t *testing.T) {
 // on, answers every request with 500 during an outage, and can lose the
 // answers of conditional creates (the create happens, the client gets 500).
 type faultProxy struct {
-	rp      *httputil.ReverseProxy
-	outage  atomic.Bool
+	rp     *httputil.ReverseProxy
+	outage atomic.Bool
+	// hang: requests get no answer until the client gives up (timeouts).
+	hang    atomic.Bool
+	hung    atomic.Int64
 	mu      sync.Mutex
 	lose    int   // conditional-create answers still to lose
 	failed  int64 // requests answered 500 by the outage
@@ -467,6 +470,14 @@ func s3InternalError(w http.ResponseWriter) {
 }
 
 func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if p.hang.Load() {
+		p.hung.Add(1)
+		for p.hang.Load() && r.Context().Err() == nil {
+			time.Sleep(20 * time.Millisecond)
+		}
+		s3InternalError(w) // too late for a client that gave up
+		return
+	}
 	if p.outage.Load() {
 		_, _ = io.Copy(io.Discard, r.Body)
 		p.mu.Lock()
@@ -694,7 +705,7 @@ func TestS3CheckpointCycle(t *testing.T) {
 }
 
 // TestS3Outage puts a proxy answering 500 in front of the server for a
-// while: checkpoints fail, but the job goes on processing and commits
+// while, then one that does not answer at all (timeouts): checkpoints fail, but the job goes on processing and commits
 // nothing without a checkpoint; once every transactional id is pending on a
 // failed checkpoint the task restarts from its newest complete checkpoint
 // (retrying while the store is down). When the store is back, the first
@@ -726,14 +737,29 @@ func TestS3Outage(t *testing.T) {
 	}
 	waitFor(t, 30*time.Second, "first 100 records of each task committed", func() bool { return committed() == parts*100 })
 
-	proxy.outage.Store(true)
+	// First the store stops answering: requests time out.
+	proxy.hang.Store(true)
+	t.Cleanup(func() { proxy.hang.Store(false) }) // a failed test must not hang
 	_, failedBefore := stats()
 	time.Sleep(3 * settings.Interval) // checkpoints in flight end
 	atOutage := committed()
+	input.avail.Store(150)
+	waitFor(t, 60*time.Second, "checkpoints failed by timeouts", func() bool {
+		_, failed := stats()
+		return proxy.hung.Load() >= 2 && failed >= failedBefore+2
+	})
+	if n := committed(); n != atOutage {
+		t.Fatalf("output committed while the store hung: %d, was %d", n, atOutage)
+	}
+
+	// Then it answers every request with 500.
+	proxy.outage.Store(true)
+	proxy.hang.Store(false)
+	_, failedHung := stats()
 	input.avail.Store(200)
 	waitFor(t, 30*time.Second, "records processed and checkpoints failed during the outage", func() bool {
 		in, failed := stats()
-		return in >= parts*200 && failed >= failedBefore+4
+		return in >= parts*200 && failed >= failedHung+4
 	})
 	time.Sleep(time.Second) // long enough for the tasks to restart and fail to recover
 	if n := committed(); n != atOutage {
@@ -755,7 +781,7 @@ func TestS3Outage(t *testing.T) {
 	run.stop(t)
 	_, lost := proxy.counts()
 	_, failed := stats()
-	t.Logf("requests failed by the outage: %d; checkpoints failed: %d; create answers lost: %d", failedReq, failed-failedBefore, lost)
+	t.Logf("requests failed by the outage: %d; requests timed out: %d; checkpoints failed: %d; create answers lost: %d", failedReq, proxy.hung.Load(), failed-failedBefore, lost)
 	if lost == 0 {
 		t.Error("no create answer was lost: the lost-answer path was not exercised")
 	}
