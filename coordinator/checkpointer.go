@@ -30,6 +30,18 @@ type checkpointJob struct {
 	savepoint *SavepointRequest
 	// savepointReported: the task was told the outcome.
 	savepointReported bool
+	// retry: this completes the failed checkpoint id again (retryJob).
+	retry bool
+}
+
+// retryJob is a second attempt at a failed checkpoint, made when every
+// transactional id is pending on failed checkpoints (so no barrier can be
+// taken) and none is in flight. Its state is the backend's as it is: only
+// sealed buffers of barriers reach the backend, and the failed checkpoint
+// was the newest barrier. Its metadata lists every pending transaction, as
+// the first attempt's would have.
+func (j *checkpointJob) retryJob() *checkpointJob {
+	return &checkpointJob{id: j.id, offsets: j.offsets, barrier: time.Now(), txnOpened: j.txnOpened, retry: true}
 }
 
 // checkpointer runs the asynchronous part of a task's checkpoints, one at a
@@ -40,6 +52,9 @@ type checkpointer struct {
 	jobs chan *checkpointJob
 	// fatal carries the error that must stop the task (at most one).
 	fatal chan error
+	// lastFailed is the newest checkpoint that failed, nil once one
+	// completes; the task retries it when no barrier can be taken.
+	lastFailed atomic.Pointer[checkpointJob]
 	// savepointDone tells the task the outcome of each savepoint barrier.
 	savepointDone chan savepointResult
 	// outstanding counts submitted jobs not yet finished; idle is signalled
@@ -156,22 +171,32 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 	// The sealed buffer must reach the backend whatever happens next: later
 	// checkpoints build on it.
 	dir := t.localCheckpointDir(job.id)
-	files, err := t.store.Persist(job.sealed, dir)
+	var files []string
+	var err error
+	if job.retry {
+		// No checkpoint is in flight and no barrier can be taken: the
+		// backend is at the failed checkpoint's barrier.
+		files, err = t.store.Backend().Checkpoint(dir)
+	} else {
+		files, err = t.store.Persist(job.sealed, dir)
+	}
 	if err != nil {
 		return fmt.Errorf("snapshot state of checkpoint %d of task %d: %w", job.id, task, err)
 	}
 	defer os.RemoveAll(dir)
 
-	c, err := job.pre.Wait(ctx)
-	if err != nil {
-		// A transaction with a failed write can never be committed.
-		return fmt.Errorf("flush sink of checkpoint %d of task %d: %w", job.id, task, err)
-	}
-	if c == nil {
-		defer t.pendingCount.Add(-1) // nothing to commit later
-	} else {
-		cp.pending = append(cp.pending, PendingTxn{CheckpointID: job.id, Offsets: job.offsets, Committable: *c})
-		cp.opened = append(cp.opened, job.txnOpened)
+	if !job.retry {
+		c, err := job.pre.Wait(ctx)
+		if err != nil {
+			// A transaction with a failed write can never be committed.
+			return fmt.Errorf("flush sink of checkpoint %d of task %d: %w", job.id, task, err)
+		}
+		if c == nil {
+			defer t.pendingCount.Add(-1) // nothing to commit later
+		} else {
+			cp.pending = append(cp.pending, PendingTxn{CheckpointID: job.id, Offsets: job.offsets, Committable: *c})
+			cp.opened = append(cp.opened, job.txnOpened)
+		}
 	}
 	if err := t.step(StepPreCommitted, job.id); err != nil {
 		return err
@@ -251,6 +276,7 @@ func (cp *checkpointer) complete(ctx context.Context, job *checkpointJob) error 
 	}
 	commitLatency := time.Since(commitStart)
 	cp.failures = 0
+	cp.lastFailed.Store(nil)
 	elapsed := time.Since(job.barrier)
 	t.st.CheckpointsCompleted.Add(1)
 	t.st.LastCheckpointID.Store(job.id)
@@ -340,6 +366,7 @@ func (cp *checkpointer) failed(job *checkpointJob, err error) error {
 	t := cp.t
 	cp.failures++
 	t.st.CheckpointsFailed.Add(1)
+	cp.lastFailed.Store(job)
 	cp.record(job, "failed", err, nil)
 	t.log.Warn("checkpoint failed; its transaction stays pending for the next one", "checkpoint", job.id, "consecutive_failures", cp.failures, "err", err)
 	if cp.failures > t.cfg.Settings.TolerableFailures {

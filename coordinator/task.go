@@ -363,6 +363,11 @@ func (t *Task) maybeBarrier(ctx context.Context) error {
 			if t.stuck > t.cfg.Settings.TolerableFailures {
 				return fmt.Errorf("task %d: %d transactions pending on failed checkpoints and no transactional id free", t.cfg.Task, t.pendingCount.Load())
 			}
+			if f := t.cp.lastFailed.Load(); f != nil {
+				// The store may be back: try the newest failed checkpoint
+				// again, which commits every pending transaction.
+				return t.cp.submit(ctx, f.retryJob())
+			}
 		}
 		return nil
 	}
