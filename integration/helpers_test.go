@@ -15,15 +15,11 @@
 package integration
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"math"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -317,16 +313,13 @@ func (s *scenario) checkExactlyOnce() []*kgo.Record {
 // only skips this second opinion.
 func (s *scenario) checkExactlyOnceKcat() {
 	s.t.Helper()
-	kcat, err := exec.LookPath("kcat")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			s.t.Fatal("kcat is not installed; CI must have it (apt-get install -y kcat)")
-		}
+	kcat, ok := kafkatest.Kcat(s.t)
+	if !ok {
 		s.t.Log("kcat is not installed (apt-get install -y kcat): kcat verdict skipped outside CI")
 		return
 	}
-	committed := kcatRead(s.t, kcat, s.env.Broker.Addr, "read_committed")
-	uncommitted := kcatRead(s.t, kcat, s.env.Broker.Addr, "read_uncommitted")
+	committed := kafkatest.KcatRead(s.t, kcat, s.env.Broker.Addr, outputTopic, "read_committed", 2*time.Minute)
+	uncommitted := kafkatest.KcatRead(s.t, kcat, s.env.Broker.Addr, outputTopic, "read_uncommitted", 2*time.Minute)
 	want := s.stream.Want()
 	kafkatest.CheckExactlyOnceInOrder(s.t, committed, want)
 	if !s.t.Failed() {
@@ -334,37 +327,6 @@ func (s *scenario) checkExactlyOnceKcat() {
 	}
 	s.t.Logf("exactly once (kcat read_committed): %d inputs, %d outputs read_committed, %d read_uncommitted (aborted output hidden from read_committed: %d)",
 		s.stream.Total(), len(committed), len(uncommitted), len(uncommitted)-len(committed))
-}
-
-// kcatRead reads the output topic from its beginning to its end with kcat
-// and the given isolation level.
-func kcatRead(t *testing.T, kcat, addr, isolation string) []*kgo.Record {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, kcat, "-b", addr, "-C", "-t", outputTopic, "-X", "isolation.level="+isolation,
-		"-o", "beginning", "-e", "-q", "-f", "%p %o %k %s\n")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kcat %s: %v\n%s", isolation, err, stderr.String())
-	}
-	var recs []*kgo.Record
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) != 4 {
-			t.Fatalf("kcat line %q: want partition, offset, key, value", sc.Text())
-		}
-		p, err1 := strconv.ParseInt(f[0], 10, 32)
-		o, err2 := strconv.ParseInt(f[1], 10, 64)
-		if err1 != nil || err2 != nil {
-			t.Fatalf("kcat line %q: bad partition or offset", sc.Text())
-		}
-		recs = append(recs, &kgo.Record{Partition: int32(p), Offset: o, Key: []byte(f[2]), Value: []byte(f[3])})
-	}
-	return recs
 }
 
 // logLine is one JSON log line of a processor.

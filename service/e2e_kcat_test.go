@@ -1,17 +1,8 @@
 package service_test
 
 import (
-	"bufio"
-	"bytes"
-	"context"
-	"os"
-	"os/exec"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/sluice-stream/sluice/coordinator"
 	"github.com/sluice-stream/sluice/internal/kafkatest"
@@ -33,11 +24,8 @@ import (
 // kcat is required in CI (CI=true): there a missing kcat fails the test;
 // elsewhere it is skipped with a message.
 func TestE2EKcatSeesExactlyOnce(t *testing.T) {
-	kcat, err := exec.LookPath("kcat")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("kcat is not installed; CI must have it (apt-get install -y kcat)")
-		}
+	kcat, ok := kafkatest.Kcat(t)
+	if !ok {
 		t.Skip("kcat is not installed (apt-get install -y kcat); skipped outside CI")
 	}
 	e2eNoLeaks(t)
@@ -59,8 +47,8 @@ func TestE2EKcatSeesExactlyOnce(t *testing.T) {
 	want, _ := e2eRunPlan(t, e, plan, nil, 200)
 	e2eLogPlan(t, plan)
 
-	committed := kcatRead(t, kcat, e.addr, "read_committed")
-	uncommitted := kcatRead(t, kcat, e.addr, "read_uncommitted")
+	committed := kafkatest.KcatRead(t, kcat, e.addr, e2eOutput, "read_committed", time.Minute)
+	uncommitted := kafkatest.KcatRead(t, kcat, e.addr, e2eOutput, "read_uncommitted", time.Minute)
 	total := 0
 	for _, n := range want {
 		total += int(n)
@@ -72,38 +60,4 @@ func TestE2EKcatSeesExactlyOnce(t *testing.T) {
 	if e2eCheckOnceThenOrder(t, committed, want) {
 		kafkatest.CheckCounts(t, committed, want)
 	}
-}
-
-// kcatRead reads the output topic from the beginning to its end with kcat
-// and the given isolation level.
-func kcatRead(t *testing.T, kcat, addr, isolation string) []*kgo.Record {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, kcat, "-b", addr, "-C", "-t", e2eOutput, "-X", "isolation.level="+isolation,
-		"-o", "beginning", "-e", "-q", "-f", "%p %o %k %s\n")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("kcat %s: %v\n%s", isolation, err, stderr.String())
-	}
-	var recs []*kgo.Record
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) != 4 {
-			t.Fatalf("kcat line %q: want partition, offset, key, value", sc.Text())
-		}
-		p, err1 := strconv.ParseInt(f[0], 10, 32)
-		o, err2 := strconv.ParseInt(f[1], 10, 64)
-		if err1 != nil || err2 != nil {
-			t.Fatalf("kcat line %q: bad partition or offset", sc.Text())
-		}
-		if f[2] == kafkatest.SentinelKey {
-			continue
-		}
-		recs = append(recs, &kgo.Record{Partition: int32(p), Offset: o, Key: []byte(f[2]), Value: []byte(f[3])})
-	}
-	return recs
 }
