@@ -107,6 +107,7 @@ type locations struct {
 	open map[string]coordinator.Storage
 }
 
+// Open returns the storage at loc, opening it on first use.
 func (l *locations) Open(ctx context.Context, loc string) (coordinator.Storage, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
