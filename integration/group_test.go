@@ -16,10 +16,9 @@ import (
 // ran, each scraped just before its SIGTERM, equals the input exactly (a
 // replay after a handoff would exceed it).
 //
-// Each SIGTERM is sent with the input held and all output committed, so a
-// scrape is the container's final count; the input resumes as soon as the
-// old container exited, so the replacement joins, and tasks move to it,
-// under load.
+// Each SIGTERM is sent under load; a processor's count is the records_in
+// of the "job stopped" line it logs on its way out, after its final
+// checkpoints.
 func TestRollingRestart(t *testing.T) {
 	s := newScenario(t, sluicetest.Options{})
 	live := s.start(3)
@@ -31,7 +30,7 @@ func TestRollingRestart(t *testing.T) {
 	finals := map[string]float64{}
 	for i := range live {
 		old := live[i]
-		finals[old.Name] = s.stopQuiesced(old)
+		finals[old.Name] = s.stopCounted(old)
 		repl := s.start(1)[0]
 		live[i] = repl
 		s.waitBalanced(live...)
@@ -41,8 +40,7 @@ func TestRollingRestart(t *testing.T) {
 	s.stopLoad()
 	s.waitAllOutput(2 * time.Minute)
 	for _, p := range live {
-		finals[p.Name] = recordsIn(p)
-		stopGracefully(t, p)
+		finals[p.Name] = s.stopCounted(p)
 	}
 	s.checkExactlyOnce()
 	s.checkNoReplay(finals)
@@ -71,37 +69,34 @@ func TestScaleOutAndIn(t *testing.T) {
 
 	// 3 → 2 → 1.
 	finals := map[string]float64{}
-	finals[c.Name] = s.stopQuiesced(c)
+	finals[c.Name] = s.stopCounted(c)
 	s.waitBalanced(a, b)
 	s.waitProgress(b, 50)
-	finals[b.Name] = s.stopQuiesced(b)
+	finals[b.Name] = s.stopCounted(b)
 	s.waitBalanced(a)
 	s.waitProgress(a, 100)
 	t.Logf("scaled in: %s", assignment(a))
 
 	s.stopLoad()
 	s.waitAllOutput(2 * time.Minute)
-	finals[a.Name] = recordsIn(a)
-	stopGracefully(t, a)
+	finals[a.Name] = s.stopCounted(a)
 	s.checkExactlyOnce()
 	s.checkNoReplay(finals)
 }
 
-// stopQuiesced stops p gracefully with the input held and all output
-// committed, and returns p's records-in count scraped just before the
-// SIGTERM: with nothing left to process, it is p's final count. The input
-// resumes once p exited.
-func (s *scenario) stopQuiesced(p *sluicetest.Processor) float64 {
+// stopCounted stops p gracefully (SIGTERM, exit 0) under load and returns
+// the number of records it read over its life, from its last log line.
+func (s *scenario) stopCounted(p *sluicetest.Processor) float64 {
 	s.t.Helper()
-	s.quiesce()
-	defer s.load.resume()
-	n := recordsIn(p)
-	if n < 0 {
-		s.t.Fatalf("%s does not answer /metrics", p.Name)
-	}
 	stopGracefully(s.t, p)
-	s.t.Logf("%s stopped (exit 0) after processing %v records", p.Name, n)
-	return n
+	for _, l := range logLines(p.Logs(s.t)) {
+		if l.Msg == "job stopped" && l.RecordsIn != nil {
+			s.t.Logf("%s stopped (exit 0) after processing %v records", p.Name, *l.RecordsIn)
+			return *l.RecordsIn
+		}
+	}
+	s.t.Fatalf("%s logged no \"job stopped\" line with records_in", p.Name)
+	return 0
 }
 
 // checkNoReplay requires the records-in counts of every processor that

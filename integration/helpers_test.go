@@ -274,15 +274,6 @@ func (s *scenario) waitAllOutput(d time.Duration) {
 	s.out.WaitLen(s.t, s.stream.Total(), d)
 }
 
-// quiesce holds the input and waits until the output of every input is
-// committed: then no processor has anything left to process, and its
-// records-in counter is final until the input resumes.
-func (s *scenario) quiesce() {
-	s.t.Helper()
-	s.load.pause()
-	s.waitAllOutput(2 * time.Minute)
-}
-
 // stopGracefully stops p with SIGTERM and requires exit status 0.
 func stopGracefully(t *testing.T, p *sluicetest.Processor) {
 	t.Helper()
@@ -335,7 +326,10 @@ type logLine struct {
 	Level string `json:"level"`
 	Err   string `json:"err"`
 	Task  *int32 `json:"task"`
-	raw   string
+	// RecordsIn is set on the "job stopped" line: the records the process
+	// read over its life.
+	RecordsIn *float64 `json:"records_in"`
+	raw       string
 }
 
 // logLines parses the processor's JSON log lines (other lines are

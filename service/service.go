@@ -442,6 +442,12 @@ func RunCommand(args []string, stderr io.Writer, jobFlags func(*flag.FlagSet) fu
 		fmt.Fprintf(stderr, "run: %v\n", err)
 		return 1
 	}
-	log.Info("job stopped")
+	// The records this process read, over every task it ran: summed over
+	// a job's processes it shows replays (tests, capacity planning).
+	var in int64
+	for _, st := range p.Instance.Stats() {
+		in += st.RecordsIn.Load()
+	}
+	log.Info("job stopped", "records_in", in)
 	return 0
 }
