@@ -199,8 +199,14 @@ func parseToolFlags(fs *flag.FlagSet, args []string) (status int, stop bool) {
 // locate a job's checkpoint storage, writing into dir and o.
 func registerStorageFlags(fs *flag.FlagSet, dir *string, o *coordinator.StorageOptions) {
 	fs.StringVar(dir, "checkpoint-dir", *dir, "where checkpoints are stored: a local directory, file:///path or s3://bucket/prefix (S3 credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, IAM roles)")
-	fs.StringVar(&o.Endpoint, "s3-endpoint", o.Endpoint, "base URL of an S3-compatible store for an s3:// --checkpoint-dir, such as http://127.0.0.1:9000 (default: AWS S3)")
-	fs.StringVar(&o.Region, "s3-region", o.Region, "region of the --checkpoint-dir bucket (default: AWS_REGION or the AWS config file, else us-east-1)")
+	registerS3Flags(fs, o)
+}
+
+// registerS3Flags defines the S3 flags of a command that takes a location
+// argument instead of --checkpoint-dir.
+func registerS3Flags(fs *flag.FlagSet, o *coordinator.StorageOptions) {
+	fs.StringVar(&o.Endpoint, "s3-endpoint", o.Endpoint, "base URL of an S3-compatible store for s3:// locations, such as http://127.0.0.1:9000 (default: AWS S3)")
+	fs.StringVar(&o.Region, "s3-region", o.Region, "region of the S3 bucket (default: AWS_REGION or the AWS config file, else us-east-1)")
 	fs.BoolVar(&o.PathStyle, "s3-path-style", o.PathStyle, "address the bucket in the URL path (http://host/bucket/key), as MinIO and most self-hosted stores need")
 }
 

@@ -178,9 +178,8 @@ func waitGroupEmpty(ctx context.Context, adm *kadm.Client, group string) error {
 func savepointDispose(ctx context.Context, args []string, env toolEnv) int {
 	const name = "savepoint dispose"
 	var opts coordinator.StorageOptions
-	dir := ""
 	fs := newToolFlags(name, "[flags] LOCATION", env)
-	registerStorageFlags(fs, &dir, &opts)
+	registerS3Flags(fs, &opts)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -279,7 +278,7 @@ func stateDump(ctx context.Context, args []string, env toolEnv) int {
 	var opts coordinator.StorageOptions
 	from := ""
 	fs := newToolFlags(name, "--from LOCATION [--operator UID] [--value CODEC] [flags]", env)
-	registerStorageFlags(fs, new(string), &opts)
+	registerS3Flags(fs, &opts)
 	fs.StringVar(&from, "from", "", "a savepoint, or a job checkpoint folder (<checkpoint-dir>/<job>)")
 	operator := fs.String("operator", "", "dump only the state of the operator with this uid")
 	valueCodec := fs.String("value", "bytes", "how values are encoded: bytes (base64), string, int64 (state.Int64) or json")
