@@ -225,24 +225,10 @@ func TestLocationOpenLocal(t *testing.T) {
 	})
 }
 
-// useS3Credentials makes the standard AWS credential chain find the test
-// server's credentials, and nothing else of this machine's configuration.
-func useS3Credentials(t *testing.T) {
-	t.Setenv("AWS_ACCESS_KEY_ID", s3test.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", s3test.SecretKey)
-	t.Setenv("AWS_SESSION_TOKEN", "")
-	t.Setenv("AWS_PROFILE", "")
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	t.Setenv("AWS_ENDPOINT_URL", "")
-	t.Setenv("AWS_ENDPOINT_URL_S3", "")
-}
-
 // TestLocationOpenS3Errors needs no server: what fails before or at the
 // first request.
 func TestLocationOpenS3Errors(t *testing.T) {
-	useS3Credentials(t)
+	s3test.UseCredentials(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	for _, tc := range []struct {
@@ -282,7 +268,7 @@ func TestLocationOpenS3Errors(t *testing.T) {
 // from the standard chain (the environment), as the service does.
 func TestLocationOpenS3(t *testing.T) {
 	env := newS3Env(t, s3test.Options{})
-	useS3Credentials(t)
+	s3test.UseCredentials(t)
 	o := StorageOptions{Endpoint: env.srv.Endpoint, Region: s3test.Region, PathStyle: true}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

@@ -372,25 +372,11 @@ func TestToolDispatch(t *testing.T) {
 	}
 }
 
-// useS3Credentials makes the standard AWS credential chain find the test
-// server's credentials, and nothing else of this machine's configuration.
-func useS3Credentials(t *testing.T) {
-	t.Setenv("AWS_ACCESS_KEY_ID", s3test.AccessKey)
-	t.Setenv("AWS_SECRET_ACCESS_KEY", s3test.SecretKey)
-	t.Setenv("AWS_SESSION_TOKEN", "")
-	t.Setenv("AWS_PROFILE", "")
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
-	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	t.Setenv("AWS_ENDPOINT_URL", "")
-	t.Setenv("AWS_ENDPOINT_URL_S3", "")
-}
-
 // TestCheckpointsListS3 lists checkpoints in a bucket of a real S3 server,
 // located by the same flags as `run`.
 func TestCheckpointsListS3(t *testing.T) {
 	srv := s3test.Start(t, s3test.Options{})
-	useS3Credentials(t)
+	s3test.UseCredentials(t)
 	srv.CreateBucket(t, "ckpt")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -470,7 +456,7 @@ func TestConfigStorageFlags(t *testing.T) {
 // TestStartS3Storage: Start opens an s3:// checkpoint location before it
 // connects to Kafka, and says what is wrong with it.
 func TestStartS3Storage(t *testing.T) {
-	useS3Credentials(t)
+	s3test.UseCredentials(t)
 	job := example.CountJob("j", "events", "counts")
 	start := func(t *testing.T, args ...string) error {
 		t.Helper()

@@ -258,3 +258,17 @@ func (s *Server) CreateBucket(t testing.TB, name string) {
 
 // Log returns what the server printed so far.
 func (s *Server) Log() string { return s.log.String() }
+
+// UseCredentials makes the standard AWS credential chain find the test
+// server's credentials, and nothing else of this machine's configuration.
+func UseCredentials(t *testing.T) {
+	t.Setenv("AWS_ACCESS_KEY_ID", AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", SecretKey)
+	t.Setenv("AWS_SESSION_TOKEN", "")
+	t.Setenv("AWS_PROFILE", "")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_ENDPOINT_URL", "")
+	t.Setenv("AWS_ENDPOINT_URL_S3", "")
+}
