@@ -81,26 +81,38 @@ func checkpointSnapshot(ctx context.Context, st Storage, f state.Factory, tmpDir
 		return nil, fmt.Errorf("snapshot at %s: %w", st, err)
 	}
 	tasks := map[int32]bool{}
+	var job string // named by the first readable metadata
 	for _, name := range names {
-		digits, _, _ := strings.Cut(strings.TrimPrefix(name, "tasks/"), "/")
-		if t, err := strconv.ParseInt(digits, 10, 32); err == nil && t >= 0 {
-			tasks[int32(t)] = true
+		digits, rest, _ := strings.Cut(strings.TrimPrefix(name, "tasks/"), "/")
+		t, err := strconv.ParseInt(digits, 10, 32)
+		if err != nil || t < 0 {
+			continue
+		}
+		tasks[int32(t)] = true
+		if id, ok := ParseCheckpointDir(rest); job == "" && ok && rest == checkpointDir(id)+metadataFile {
+			var c Checkpoint
+			if readEnvelope(ctx, st, name, metadataFormat, metadataVersion, &c) == nil {
+				job = c.Job
+			}
 		}
 	}
 	if len(tasks) == 0 {
 		return nil, fmt.Errorf("%s holds neither a savepoint (_metadata) nor a job's checkpoints (tasks/<task>/chk-<id>/): %w", st, ErrNotFound)
 	}
+	if job == "" {
+		return nil, fmt.Errorf("snapshot at %s: no readable checkpoint metadata", st)
+	}
+	// The folder as LoadCheckpoint sees a job under a checkpoint root.
+	view := mount(st, job+"/")
 	n := slices.Max(slices.Collect(maps.Keys(tasks))) + 1
-	s := &Snapshot{Kind: "checkpoint", Partitions: n, Location: st.String(), offsets: map[int32]map[string]int64{}, pending: map[int32][]PendingTxn{}}
+	s := &Snapshot{Job: job, Kind: "checkpoint", Partitions: n, Location: st.String(), offsets: map[int32]map[string]int64{}, pending: map[int32][]PendingTxn{}}
 	newest := make(map[int32]*Checkpoint, n)
-	var job string
 	for task := range n {
-		c, err := newestReadable(ctx, st, &job, task)
+		c, err := newestReadable(ctx, view, job, task)
 		if err != nil {
 			return nil, fmt.Errorf("snapshot at %s: %w", st, err)
 		}
 		newest[task] = c
-		s.Job = c.Job
 		s.offsets[task] = c.Offsets
 		s.pending[task] = c.Pending
 	}
@@ -110,7 +122,7 @@ func checkpointSnapshot(ctx context.Context, st Storage, f state.Factory, tmpDir
 			return err
 		}
 		defer os.RemoveAll(dir)
-		store, err := OpenCheckpointState(ctx, mount(st, s.Job+"/"), f, newest[task], filepath.Join(dir, "db"))
+		store, err := OpenCheckpointState(ctx, view, f, newest[task], filepath.Join(dir, "db"))
 		if err != nil {
 			return err
 		}
@@ -120,39 +132,19 @@ func checkpointSnapshot(ctx context.Context, st Storage, f state.Factory, tmpDir
 	return s, nil
 }
 
-// newestReadable finds a task's newest readable checkpoint in a job folder.
-// The first metadata read names the job (*job), which LoadCheckpoint needs
-// to read the folder as the checkpoint root would show it.
-func newestReadable(ctx context.Context, st Storage, job *string, task int32) (*Checkpoint, error) {
-	prefix := "tasks/" + strconv.FormatInt(int64(task), 10) + "/"
-	names, err := st.List(ctx, prefix+checkpointDirPrefix)
+// newestReadable returns a task's newest checkpoint whose metadata can be
+// read, skipping corrupt ones as a takeover does.
+func newestReadable(ctx context.Context, st Storage, job string, task int32) (*Checkpoint, error) {
+	ids, err := ListCheckpointIDs(ctx, st, job, task)
 	if err != nil {
 		return nil, err
 	}
-	var ids []int64
-	for _, name := range names {
-		rel := strings.TrimPrefix(name, prefix)
-		if id, ok := ParseCheckpointDir(rel); ok && rel == checkpointDir(id)+metadataFile {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
-	for _, id := range slices.Backward(ids) {
-		if *job == "" {
-			var c Checkpoint
-			if err := readEnvelope(ctx, st, prefix+checkpointDir(id)+metadataFile, metadataFormat, metadataVersion, &c); err != nil {
-				continue
-			}
-			*job = c.Job
-		}
-		c, err := LoadCheckpoint(ctx, mount(st, *job+"/"), *job, task, id)
+	for _, id := range ids {
+		c, err := LoadCheckpoint(ctx, st, job, task, id)
 		if errors.Is(err, ErrCorruptMetadata) || errors.Is(err, ErrUnsupportedVersion) {
 			continue
 		}
-		if err != nil {
-			return nil, err
-		}
-		return c, nil
+		return c, err
 	}
 	return nil, fmt.Errorf("task %d has no readable checkpoint", task)
 }
